@@ -1,0 +1,41 @@
+"""Product-key top-k, the PyTorch reference (the spec the Triton kernel must match).
+
+A query of width k_dim is split into two halves; each half is scored against its own
+n_keys sub-keys. Slot (i, j) of the N = n_keys**2 slots scores s1[i] + s2[j]. The top-knn
+slots are always among the knn x knn sums of each half's top-knn, so that search is exact.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def pk_topk_reference(query: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """query (T, H, K), keys (H, 2, n_keys, K // 2) -> scores (T, H, knn) fp32, slot ids (T, H, knn) int64.
+
+    Scores are sorted in descending order; slot id = i * n_keys + j.
+    """
+    T, H, K = query.shape
+    n_keys = keys.shape[2]
+    if keys.shape != (H, 2, n_keys, K // 2) or K % 2:
+        raise ValueError(f"keys must be (H={H}, 2, n_keys, {K // 2}) for query {tuple(query.shape)}, got {tuple(keys.shape)}")
+    if knn > n_keys:
+        raise ValueError(f"knn={knn} exceeds n_keys={n_keys}")
+    q = query.float().view(T, H, 2, K // 2)
+    # (T, H, 2, n_keys): each half against its own sub-keys
+    half_scores = torch.einsum("thsd,hsnd->thsn", q, keys.float())
+    s1, i1 = half_scores[:, :, 0].topk(knn, dim=-1)  # (T, H, knn)
+    s2, i2 = half_scores[:, :, 1].topk(knn, dim=-1)
+    cand = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).view(T, H, knn * knn)  # (T, H, knn*knn)
+    cand_ids = (i1.unsqueeze(-1) * n_keys + i2.unsqueeze(-2)).view(T, H, knn * knn)
+    scores, best = cand.topk(knn, dim=-1)
+    return scores, cand_ids.gather(-1, best)
+
+
+def pk_topk_bruteforce(query: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-knn over all N slots, materialising every score: a test oracle for small N only."""
+    T, H, K = query.shape
+    n_keys = keys.shape[2]
+    q = query.float().view(T, H, 2, K // 2)
+    half_scores = torch.einsum("thsd,hsnd->thsn", q, keys.float())
+    full = (half_scores[:, :, 0].unsqueeze(-1) + half_scores[:, :, 1].unsqueeze(-2)).view(T, H, n_keys * n_keys)
+    return full.topk(knn, dim=-1)
