@@ -1,0 +1,28 @@
+"""The `slotwise` command: one subcommand per pipeline stage.
+
+    slotwise retrofit --params params.yaml --out runs/retrofit [key=value ...]
+    slotwise --help
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from slotwise.cli_utils import run_cli
+
+STAGES = {
+    "retrofit": "slotwise.components.retrofit",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("\nstages: " + ", ".join(STAGES))
+        sys.exit(0 if argv else 2)
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"error: unknown stage {stage!r}; expected one of: {', '.join(STAGES)}", file=sys.stderr)
+        sys.exit(2)
+    run_cli(importlib.import_module(STAGES[stage]).main, rest)

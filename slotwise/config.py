@@ -1,0 +1,119 @@
+"""Typed params: params.yaml -> dataclass schema (OmegaConf struct mode) -> validated objects.
+
+    params = load_params("params.yaml", ["retrofit.insert.memory.n_keys=64"])
+    params.retrofit.insert.layers    # [8, 15, 22]
+
+Unknown keys, wrong types and missing files raise ConfigError with one line that names the file,
+the key and what was expected; the CLIs turn it into that line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from slotwise.models import DEFAULT_MODEL
+from slotwise.retrofit import MODES, RetrofitConfig
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """Bad params: the message is a single line naming file, key and expectation."""
+
+
+@dataclass
+class RetrofitParams:
+    base_model: str = DEFAULT_MODEL  # embedded:..., a local HF dir, a .gguf file or a hub id
+    dtype: str = "float32"
+    seed: int = 0
+    check_prompt: str = "The capital of France is"  # logits compared before/after the retrofit
+    insert: RetrofitConfig = field(default_factory=RetrofitConfig)
+
+
+@dataclass
+class Params:
+    retrofit: RetrofitParams = field(default_factory=RetrofitParams)
+
+
+def _known_keys(cfg: DictConfig, full_key: str) -> list[str]:
+    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _one_line(exc: OmegaConfBaseException, where: str, schema: DictConfig) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = str(getattr(exc, "msg", exc)).splitlines()[0]
+    if isinstance(exc, ConfigKeyError) or "not in" in msg:
+        known = ", ".join(_known_keys(schema, key))
+        return ConfigError(f"{where}: unknown key '{key}' (expected one of: {known})")
+    if isinstance(exc, ValidationError):
+        return ConfigError(f"{where}: key '{key}': {msg}")
+    return ConfigError(f"{where}: key '{key}': {msg}")
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None, schema: type = Params) -> Any:
+    """Merge schema defaults <- params file <- key=value overrides; validate; return dataclass objects."""
+    base = OmegaConf.structured(schema)
+    OmegaConf.set_struct(base, True)
+    cfg = base
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"params file not found: {path}")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # yaml scanner/parser errors carry a line number in their text
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: expected a mapping of stage sections at the top level")
+        try:
+            cfg = OmegaConf.merge(cfg, loaded)
+        except OmegaConfBaseException as exc:
+            raise _one_line(exc, str(path), base) from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. retrofit.insert.memory.n_keys=64)")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _one_line(exc, f"override {item!r}", base) from None
+    try:
+        params = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise _one_line(exc, str(path), base) from None
+    _check(params, str(path) if path is not None else "params")
+    return params
+
+
+def _check(params: Params, where: str) -> None:
+    """Value checks the type system cannot express."""
+    r = params.retrofit
+    if r.dtype not in DTYPES:
+        raise ConfigError(f"{where}: key 'retrofit.dtype': expected one of {DTYPES}, got {r.dtype!r}")
+    if r.insert.mode not in MODES:
+        raise ConfigError(f"{where}: key 'retrofit.insert.mode': expected one of {MODES}, got {r.insert.mode!r}")
+    m = r.insert.memory
+    for key in ("n_keys", "heads", "knn", "k_dim"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"{where}: key 'retrofit.insert.memory.{key}': expected a positive integer, got {getattr(m, key)}")
+    if m.k_dim % 2:
+        raise ConfigError(f"{where}: key 'retrofit.insert.memory.k_dim': expected an even number, got {m.k_dim}")
+    if m.knn > m.n_keys:
+        raise ConfigError(f"{where}: key 'retrofit.insert.memory.knn': must not exceed n_keys ({m.n_keys}), got {m.knn}")
+
+
+def to_yaml(params: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(params))
+
+
+def write_resolved(params: Any, out_dir: str | Path, name: str = "params.resolved.yaml") -> Path:
+    """Write the fully resolved params next to a stage's outputs."""
+    out = Path(out_dir) / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(to_yaml(params))
+    return out

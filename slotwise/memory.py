@@ -1,0 +1,124 @@
+"""Product-key memory layer (Lample et al. 2019; Berges et al. 2024, "Memory Layers at Scale").
+
+    x (B, S, d_in)
+      -> query projection (+ optional norm)             q (T, H, K)
+      -> product-key top-k over N = n_keys**2 slots     ids, scores (T, H, knn)
+      -> softmax over the knn scores                    weights (T, H, knn)
+      -> weighted sum of value rows, heads summed       y (T, v_dim)
+      -> Memory+: W2(y * silu(W1 x)), else W2(y)         out (B, S, d_out)
+
+The forward returns the output *and* what it looked up (slot ids and weights), so statistics
+and slot selection read them from the return value rather than from state kept on the module.
+The lookups run through slotwise.kernels (Triton on GPU, the PyTorch reference elsewhere).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slotwise import kernels
+
+
+@dataclass
+class MemoryConfig:
+    n_keys: int = 128  # sub-keys per half: N = n_keys**2 slots
+    heads: int = 4
+    knn: int = 16  # slots read per head and token
+    k_dim: int = 256  # query / key width (two halves of k_dim // 2)
+    v_dim: int | None = None  # value row width; None = the model's hidden size
+    memory_plus: bool = True  # gate the read-out: W2(y * silu(W1 x))
+    query_norm: bool = True  # layer norm on each head's query (keeps slot usage from collapsing)
+    shared_values: bool = False  # one value pool shared by every memory layer
+    value_init_std: float | None = None  # None = v_dim ** -0.5
+    out_init_std: float = 0.0  # W2 init; 0 makes a retrofit exactly the base model
+
+
+class MemoryOutput(NamedTuple):
+    out: torch.Tensor  # (B, S, d_out)
+    ids: torch.Tensor  # (B, S, H, knn) int64 slot ids
+    weights: torch.Tensor  # (B, S, H, knn) softmax weights
+
+
+class ValuePool(nn.Module):
+    """The value table, (N, v_dim). A separate module so several layers can share one."""
+
+    def __init__(self, n_slots: int, v_dim: int, init_std: float | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_slots, v_dim))
+        nn.init.normal_(self.weight, std=init_std if init_std is not None else v_dim**-0.5)
+
+    @property
+    def n_slots(self) -> int:
+        return self.weight.shape[0]
+
+
+class ProductKeyMemory(nn.Module):
+    def __init__(self, d_in: int, d_out: int, cfg: MemoryConfig, values: ValuePool | None = None):
+        super().__init__()
+        if cfg.k_dim % 2:
+            raise ValueError(f"memory.k_dim must be even (two half-queries), got {cfg.k_dim}")
+        if cfg.knn > cfg.n_keys:
+            raise ValueError(f"memory.knn ({cfg.knn}) must not exceed memory.n_keys ({cfg.n_keys})")
+        self.cfg = cfg
+        v_dim = cfg.v_dim or d_out
+        self.query = nn.Linear(d_in, cfg.heads * cfg.k_dim, bias=False)
+        self.query_norm = nn.LayerNorm(cfg.k_dim) if cfg.query_norm else None
+        # Sub-keys: (H, 2 halves, n_keys, K/2), uniform like the reference implementation.
+        bound = 1 / math.sqrt(cfg.k_dim)
+        self.keys = nn.Parameter(torch.empty(cfg.heads, 2, cfg.n_keys, cfg.k_dim // 2).uniform_(-bound, bound))
+        self.values = values if values is not None else ValuePool(cfg.n_keys**2, v_dim, cfg.value_init_std)
+        if self.values.weight.shape != (cfg.n_keys**2, v_dim):
+            raise ValueError(
+                f"shared value pool is {tuple(self.values.weight.shape)}, this layer needs {(cfg.n_keys**2, v_dim)}"
+            )
+        self.gate = nn.Linear(d_in, v_dim, bias=False) if cfg.memory_plus else None  # W1
+        self.out_proj = nn.Linear(v_dim, d_out, bias=False)  # W2
+        nn.init.normal_(self.out_proj.weight, std=cfg.out_init_std) if cfg.out_init_std else nn.init.zeros_(
+            self.out_proj.weight
+        )
+
+    @property
+    def n_slots(self) -> int:
+        return self.cfg.n_keys**2
+
+    def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, d_in) -> slot ids (T, H, knn), softmax weights (T, H, knn)."""
+        T = x.shape[0]
+        q = self.query(x).view(T, self.cfg.heads, self.cfg.k_dim)  # (T, H, K)
+        if self.query_norm is not None:
+            q = self.query_norm(q)
+        scores, ids = kernels.pk_topk(q, self.keys, self.cfg.knn)  # (T, H, knn) each
+        return ids, F.softmax(scores, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> MemoryOutput:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1])  # (T, d_in)
+        ids, weights = self.lookup(flat)
+        y = kernels.weighted_bag(self.values.weight, ids, weights.to(self.values.weight.dtype))  # (T, v_dim)
+        y = y.to(x.dtype)
+        if self.gate is not None:
+            y = y * F.silu(self.gate(flat))
+        out = self.out_proj(y)
+        return MemoryOutput(
+            out.view(*lead, -1),
+            ids.view(*lead, self.cfg.heads, self.cfg.knn),
+            weights.view(*lead, self.cfg.heads, self.cfg.knn),
+        )
+
+
+def memory_param_counts(memory: ProductKeyMemory) -> dict[str, int]:
+    """Parameter counts by part; the value pool is counted once even when shared."""
+    counts = {
+        "query": sum(p.numel() for p in memory.query.parameters())
+        + (sum(p.numel() for p in memory.query_norm.parameters()) if memory.query_norm is not None else 0),
+        "keys": memory.keys.numel(),
+        "values": memory.values.weight.numel(),
+        "gate": memory.gate.weight.numel() if memory.gate is not None else 0,
+        "out_proj": memory.out_proj.weight.numel(),
+    }
+    return counts
