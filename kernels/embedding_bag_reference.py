@@ -9,16 +9,36 @@ import torch
 import torch.nn.functional as F
 
 
-def weighted_bag_reference(values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def weighted_bag_reference(values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                           sparse_grad: bool = False) -> torch.Tensor:
     """values (N, D), ids (T, H, knn) int, weights (T, H, knn) -> (T, D) in values' dtype.
 
-    Differentiable in values (dense gradient) and weights.
+    Differentiable in values (dense gradient, or sparse COO with sparse_grad) and weights.
     """
+    if sparse_grad:
+        return _SparseGradBag.apply(values, ids, weights)
     T = ids.shape[0]
     flat_ids = ids.reshape(T, -1)
     flat_w = weights.reshape(T, -1)
     out = F.embedding_bag(flat_ids, values.float(), per_sample_weights=flat_w.float(), mode="sum")
     return out.to(values.dtype)
+
+
+class _SparseGradBag(torch.autograd.Function):
+    """The same op with values' gradient as a coalesced sparse COO tensor of the touched rows."""
+
+    @staticmethod
+    def forward(ctx, values, ids, weights):
+        ctx.save_for_backward(values, ids, weights)
+        with torch.no_grad():
+            return weighted_bag_reference(values, ids, weights)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, ids, weights = ctx.saved_tensors
+        uniq, rows, grad_w = weighted_bag_backward_reference(values, ids, weights, grad_out)
+        grad_values = torch.sparse_coo_tensor(uniq.unsqueeze(0), rows.to(values.dtype), values.shape, is_coalesced=True)
+        return grad_values, None, grad_w.to(weights.dtype)
 
 
 def weighted_bag_backward_reference(
