@@ -12,6 +12,7 @@ from slotwise.cli_utils import run_cli
 
 STAGES = {
     "retrofit": "slotwise.components.retrofit",
+    "report": "slotwise.components.report",
 }
 
 

@@ -1,0 +1,31 @@
+# The two commands a newcomer needs (each sets up .venv from nothing on first use):
+#   make repro   run the pipeline (dvc repro) on the embedded default model and data
+#   make test    run the test suite (fast tests; `make test-slow` adds the real-model tests)
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test test-slow test-all repro clean
+
+setup:
+	@bash scripts/setup_env.sh
+
+test: setup
+	$(PY) -m pytest
+
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+test-all: setup
+	$(PY) -m pytest -m "not gpu and not s3"
+
+repro: setup
+	$(VENV)/bin/dvc repro
+	@$(PY) -m slotwise.components.report
+
+clean:
+	rm -rf runs .pytest_cache

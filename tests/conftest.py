@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny decoder models built in memory from real HF configs (nothing downloads)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+from slotwise.memory import MemoryConfig
+from slotwise.retrofit import RetrofitConfig
+
+TINY = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=101, max_position_embeddings=64)
+
+
+def tiny_config(family: str):
+    if family == "llama":
+        return LlamaConfig(**TINY, tie_word_embeddings=True)
+    if family == "qwen2":
+        return Qwen2Config(**TINY, tie_word_embeddings=False)
+    if family == "gemma3":
+        return Gemma3TextConfig(**TINY, head_dim=12, sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2)
+    raise ValueError(family)
+
+
+def tiny_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+
+
+def tiny_retrofit_cfg(**memory) -> RetrofitConfig:
+    mem = dict(n_keys=8, heads=2, knn=4, k_dim=16)
+    mem.update(memory)
+    return RetrofitConfig(layers=[1, 3], mode="additive", alpha=1.0, memory=MemoryConfig(**mem))
+
+
+@pytest.fixture
+def input_ids():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, TINY["vocab_size"], (2, 11), generator=g)

@@ -1,0 +1,94 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slotwise import kernels
+from slotwise.memory import MemoryConfig, ProductKeyMemory, ValuePool, memory_param_counts
+
+
+@pytest.mark.parametrize("T,H,n_keys,K,knn", [(9, 3, 13, 10, 4), (33, 4, 32, 64, 16), (5, 1, 7, 6, 7)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_product_key_topk_equals_bruteforce(T, H, n_keys, K, knn, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(T, H, K, generator=g)
+    keys = torch.randn(H, 2, n_keys, K // 2, generator=g)
+    brute_scores, brute_ids = kernels.pk_topk_bruteforce(q, keys, knn)
+    for scores, ids in (kernels.pk_topk_reference(q, keys, knn), kernels.pk_topk(q, keys, knn)):
+        assert torch.equal(ids, brute_ids)
+        torch.testing.assert_close(scores, brute_scores, rtol=1e-5, atol=1e-5)
+
+
+def _layer(d=24, **kw):
+    cfg = MemoryConfig(**{**dict(n_keys=8, heads=2, knn=4, k_dim=16, out_init_std=0.02), **kw})
+    torch.manual_seed(0)
+    return ProductKeyMemory(d, d, cfg)
+
+
+def test_forward_matches_explicit_computation():
+    mem = _layer()
+    x = torch.randn(2, 5, 24)
+    out, ids, weights = mem(x)
+    assert ids.shape == weights.shape == (2, 5, 2, 4)
+    assert ids.min() >= 0 and ids.max() < 64
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 5, 2))
+    # Written out independently: gather the rows, weight them, sum over heads and knn, gate, project.
+    rows = mem.values.weight[ids]  # (B, S, H, knn, D)
+    y = (rows * weights.unsqueeze(-1)).sum(dim=(2, 3))
+    expected = F.linear(y * F.silu(F.linear(x, mem.gate.weight)), mem.out_proj.weight)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ids_are_the_top_scoring_slots():
+    mem = _layer()
+    x = torch.randn(7, 24)
+    _, ids, _ = mem(x)
+    q = mem.query_norm(mem.query(x).view(7, 2, 16))
+    _, brute_ids = kernels.pk_topk_bruteforce(q, mem.keys, 4)
+    assert torch.equal(ids, brute_ids)
+
+
+@pytest.mark.parametrize("memory_plus", [True, False])
+def test_gradients_reach_every_part(memory_plus):
+    mem = _layer(memory_plus=memory_plus)
+    out = mem(torch.randn(3, 6, 24)).out
+    (out * torch.randn_like(out)).sum().backward()
+    named = dict(mem.named_parameters())
+    expected = ["query.weight", "keys", "values.weight", "out_proj.weight", "query_norm.weight"]
+    expected += ["gate.weight"] if memory_plus else []
+    for name in expected:
+        grad = named[name].grad
+        assert grad is not None and grad.abs().sum() > 0, f"no gradient reached {name}"
+
+
+def test_zero_output_projection_blocks_all_but_itself():
+    """With W2 = 0 (the retrofit init) the first step can only move W2; this is why healing works."""
+    mem = _layer(out_init_std=0.0)
+    out = mem(torch.randn(3, 6, 24)).out
+    assert out.abs().max() == 0
+    out.sum().backward()
+    assert mem.out_proj.weight.grad.abs().sum() > 0
+    assert mem.values.weight.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("v_dim", [576, 896, 41])
+def test_value_width_need_not_be_a_power_of_two(v_dim):
+    cfg = MemoryConfig(n_keys=6, heads=2, knn=3, k_dim=8, v_dim=v_dim, out_init_std=0.02)
+    mem = ProductKeyMemory(32, 32, cfg)
+    assert mem.values.weight.shape == (36, v_dim)
+    assert mem(torch.randn(4, 32)).out.shape == (4, 32)
+
+
+def test_shared_pool_is_one_tensor_counted_once():
+    cfg = MemoryConfig(n_keys=6, heads=2, knn=3, k_dim=8, shared_values=True)
+    pool = ValuePool(36, 32)
+    a, b = ProductKeyMemory(32, 32, cfg, values=pool), ProductKeyMemory(32, 32, cfg, values=pool)
+    assert a.values.weight is b.values.weight
+    assert memory_param_counts(a)["values"] == 36 * 32
+    with pytest.raises(ValueError, match="shared value pool"):
+        ProductKeyMemory(32, 32, MemoryConfig(n_keys=5, heads=2, knn=3, k_dim=8), values=pool)
+
+
+@pytest.mark.parametrize("bad,match", [(dict(k_dim=15), "even"), (dict(knn=9), "must not exceed")])
+def test_bad_memory_config_is_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ProductKeyMemory(16, 16, MemoryConfig(**{**dict(n_keys=8, heads=2, knn=4, k_dim=16), **bad}))
