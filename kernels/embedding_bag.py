@@ -211,7 +211,7 @@ class _WeightedBag(torch.autograd.Function):
             uniq, rows, grad_w = weighted_bag_backward_triton(values, ids, weights, grad_out)
             # sorted unique indices: already coalesced, so the optimizer needs no extra pass
             grad_values = torch.sparse_coo_tensor(uniq.unsqueeze(0), rows.to(values.dtype), values.shape,
-                                                  is_coalesced=True)
+                                                  is_coalesced=True, check_invariants=False)
         elif need_values:
             dense, grad_w = weighted_bag_backward_dense_triton(values, ids, weights, grad_out,
                                                                deterministic=ctx.deterministic)

@@ -37,7 +37,8 @@ class _SparseGradBag(torch.autograd.Function):
     def backward(ctx, grad_out):
         values, ids, weights = ctx.saved_tensors
         uniq, rows, grad_w = weighted_bag_backward_reference(values, ids, weights, grad_out)
-        grad_values = torch.sparse_coo_tensor(uniq.unsqueeze(0), rows.to(values.dtype), values.shape, is_coalesced=True)
+        grad_values = torch.sparse_coo_tensor(uniq.unsqueeze(0), rows.to(values.dtype), values.shape,
+                                              is_coalesced=True, check_invariants=False)
         return grad_values, None, grad_w.to(weights.dtype)
 
 
