@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _kernel_fixtures import close, device, poison_outputs  # noqa: F401  (pytest fixtures)
 
 from slotwise.kernels import slot_histogram
 from slotwise.kernels.histogram_reference import slot_histogram_reference

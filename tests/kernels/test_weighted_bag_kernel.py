@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _kernel_fixtures import close, device, poison_outputs  # noqa: F401  (pytest fixtures)
 
 from slotwise.kernels import weighted_bag, weighted_bag_backward
 from slotwise.kernels.embedding_bag_reference import weighted_bag_backward_reference, weighted_bag_reference

@@ -1,10 +1,14 @@
 """Kernel tests: the Triton kernels run on CPU under TRITON_INTERPRET=1 against the PyTorch references.
 
+Fixtures for tests/kernels, imported by each test module (`from _kernel_fixtures import ...`)
+rather than living in a conftest.py: tests elsewhere do `from conftest import ...`, and a second
+conftest module would shadow tests/conftest.py in sys.modules.
+
 The interpreter is chosen when a @triton.jit function is *defined*, so the variable is set here,
 at collection, before any Triton kernel module (slotwise.kernels.product_key, ...) is imported.
 slotwise.kernels itself imports no Triton at load time. But triton.language defines its own
 @jit helpers (tl.zeros, tl.sum, tl.topk, ...) when triton is first imported, and transformers
-imports triton (through torch) from tests/conftest.py before this file runs; those helpers are
+imports triton (through torch) from tests/conftest.py before this module loads; those helpers are
 then rebuilt as interpreted functions below. (Setting TRITON_INTERPRET=1 before pytest starts,
 or at the top of tests/conftest.py, makes that unnecessary.) If a kernel module itself was
 compiled for a GPU earlier in this process, or the variable was set to 0 on a machine without
