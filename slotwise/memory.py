@@ -34,6 +34,7 @@ class MemoryConfig:
     memory_plus: bool = True  # gate the read-out: W2(y * silu(W1 x))
     query_norm: bool = True  # layer norm on each head's query (keeps slot usage from collapsing)
     shared_values: bool = False  # one value pool shared by every memory layer
+    sparse_grad: bool = False  # values get sparse gradients (for SparseAdam on ~1M-row pools)
     value_init_std: float | None = None  # None = v_dim ** -0.5
     out_init_std: float = 0.0  # W2 init; 0 makes a retrofit exactly the base model
 
@@ -42,6 +43,7 @@ class MemoryOutput(NamedTuple):
     out: torch.Tensor  # (B, S, d_out)
     ids: torch.Tensor  # (B, S, H, knn) int64 slot ids
     weights: torch.Tensor  # (B, S, H, knn) softmax weights
+    balance: torch.Tensor | None = None  # sub-key balancing loss (training mode only), scalar
 
 
 class ValuePool(nn.Module):
@@ -86,20 +88,37 @@ class ProductKeyMemory(nn.Module):
     def n_slots(self) -> int:
         return self.cfg.n_keys**2
 
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """x (T, d_in) -> q (T, H, K)."""
+        q = self.query(x).view(x.shape[0], self.cfg.heads, self.cfg.k_dim)
+        return self.query_norm(q) if self.query_norm is not None else q
+
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, d_in) -> slot ids (T, H, knn), softmax weights (T, H, knn)."""
-        T = x.shape[0]
-        q = self.query(x).view(T, self.cfg.heads, self.cfg.k_dim)  # (T, H, K)
-        if self.query_norm is not None:
-            q = self.query_norm(q)
-        scores, ids = kernels.pk_topk(q, self.keys, self.cfg.knn)  # (T, H, knn) each
+        scores, ids = kernels.pk_topk(self.queries(x), self.keys, self.cfg.knn)  # (T, H, knn) each
         return ids, F.softmax(scores, dim=-1)
+
+    def balance_loss(self, q: torch.Tensor) -> torch.Tensor:
+        """KL(mean_t softmax over sub-keys || uniform), averaged over heads and halves.
+
+        Pushes every sub-key to be chosen by some tokens; without it usage collapses onto a few
+        percent of the slots while healing (DESIGN.md, calibration).
+        """
+        T, H, K = q.shape
+        scores = torch.einsum("thsd,hsnd->thsn", q.view(T, H, 2, K // 2).float(), self.keys.float())  # (T, H, 2, n_keys)
+        p_mean = scores.softmax(dim=-1).mean(dim=0)  # (H, 2, n_keys)
+        n = p_mean.shape[-1]
+        return (p_mean * (p_mean * n).clamp_min(1e-12).log()).sum(-1).mean()
 
     def forward(self, x: torch.Tensor) -> MemoryOutput:
         lead = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])  # (T, d_in)
-        ids, weights = self.lookup(flat)
-        y = kernels.weighted_bag(self.values.weight, ids, weights.to(self.values.weight.dtype))  # (T, v_dim)
+        q = self.queries(flat)
+        scores, ids = kernels.pk_topk(q, self.keys, self.cfg.knn)  # (T, H, knn) each
+        weights = F.softmax(scores, dim=-1)
+        balance = self.balance_loss(q) if self.training else None
+        y = kernels.weighted_bag(self.values.weight, ids, weights.to(self.values.weight.dtype),
+                                 sparse_grad=self.cfg.sparse_grad)  # (T, v_dim)
         y = y.to(x.dtype)
         if self.gate is not None:
             y = y * F.silu(self.gate(flat))
@@ -108,6 +127,7 @@ class ProductKeyMemory(nn.Module):
             out.view(*lead, -1),
             ids.view(*lead, self.cfg.heads, self.cfg.knn),
             weights.view(*lead, self.cfg.heads, self.cfg.knn),
+            balance,
         )
 
 

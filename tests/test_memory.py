@@ -27,7 +27,8 @@ def _layer(d=24, **kw):
 def test_forward_matches_explicit_computation():
     mem = _layer()
     x = torch.randn(2, 5, 24)
-    out, ids, weights = mem(x)
+    res = mem(x)
+    out, ids, weights = res.out, res.ids, res.weights
     assert ids.shape == weights.shape == (2, 5, 2, 4)
     assert ids.min() >= 0 and ids.max() < 64
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 5, 2))
@@ -41,7 +42,7 @@ def test_forward_matches_explicit_computation():
 def test_ids_are_the_top_scoring_slots():
     mem = _layer()
     x = torch.randn(7, 24)
-    _, ids, _ = mem(x)
+    ids = mem(x).ids
     q = mem.query_norm(mem.query(x).view(7, 2, 16))
     _, brute_ids = kernels.pk_topk_bruteforce(q, mem.keys, 4)
     assert torch.equal(ids, brute_ids)
@@ -92,3 +93,31 @@ def test_shared_pool_is_one_tensor_counted_once():
 def test_bad_memory_config_is_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         ProductKeyMemory(16, 16, MemoryConfig(**{**dict(n_keys=8, heads=2, knn=4, k_dim=16), **bad}))
+
+
+def test_balance_loss_is_zero_for_uniform_use_and_positive_for_collapse():
+    mem = _layer()
+    mem.train()
+    assert mem(torch.randn(5, 24)).balance is not None
+    mem.eval()
+    assert mem(torch.randn(5, 24)).balance is None
+    # All sub-keys equal -> every token's softmax over sub-keys is uniform -> KL to uniform = 0.
+    with torch.no_grad():
+        mem.keys.zero_()
+    q = mem.queries(torch.randn(5, 24))
+    assert mem.balance_loss(q).abs() < 1e-6
+    # One sub-key far ahead of the rest for every query -> usage collapses onto it -> close to log(n_keys).
+    with torch.no_grad():
+        mem.keys.zero_()
+        mem.keys[:, :, 0] = 50.0 * torch.sign(q.mean(0)).view(2, 2, 8)
+    assert mem.balance_loss(q) > 0.5 * torch.log(torch.tensor(8.0))
+
+
+def test_sparse_grad_gives_sparse_value_gradients():
+    mem = _layer(sparse_grad=True)
+    out = mem(torch.randn(4, 24)).out
+    out.sum().backward()
+    grad = mem.values.weight.grad
+    assert grad.is_sparse
+    touched = grad.coalesce().indices()[0].unique()
+    assert 0 < touched.numel() <= 4 * 2 * 4

@@ -1,0 +1,78 @@
+"""The fact stream: QA pairs turned into statements, paraphrases and probes.
+
+Each fact is one QA pair. Its *statement* and *paraphrases* are what a continual update trains
+on (Lin et al. train on a batch of paraphrases per fact); its *probe* is the question the model
+must answer afterwards, scored against every accepted answer. Paraphrases come from fixed
+templates, chosen per fact by a seeded RNG, so a fact stream is reproducible from its params.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+# Probes are asked two-shot: without the examples the instruct model answers in prose or not at
+# all (a screen of 48 TriviaQA questions: 0 exact matches zero-shot, clean short answers two-shot).
+FEW_SHOT = (
+    "Question: What is the capital of France?\nAnswer: Paris\n\n"
+    "Question: Who wrote the play Romeo and Juliet?\nAnswer: William Shakespeare\n\n"
+)
+PROBE = FEW_SHOT + "Question: {q}\nAnswer:"
+
+# Templates that state the fact. The first is the canonical statement.
+TEMPLATES = (
+    "{q} The answer is {a}.",
+    "Question: {q}\nAnswer: {a}",
+    "Q: {q} A: {a}",
+    'If someone asks "{q}", the answer is {a}.',
+    'Trivia fact: the answer to "{q}" is {a}.',
+    "{a} is the answer to the question: {q}",
+    "Here is a quiz question and its answer. {q} {a}.",
+    'The correct response to "{q}" is "{a}".',
+    "Quiz: {q}\nSolution: {a}",
+    "Remember this: {q} {a}.",
+    "{q}\n{a}",
+    'Asked "{q}", an expert would reply: {a}.',
+)
+
+
+@dataclass
+class Fact:
+    id: str
+    source: str
+    question: str
+    answers: list[str]
+    statement: str
+    paraphrases: list[str]
+    probe: str
+    known: bool | None = None  # does the base model already answer the probe? (None: not checked)
+    extra: dict = field(default_factory=dict)
+
+
+def _clean_question(q: str) -> str:
+    q = " ".join(q.split())
+    return q if q.endswith("?") else q + "?"
+
+
+def make_fact(fact_id: str, source: str, question: str, answers: list[str], n_paraphrases: int, rng: random.Random) -> Fact:
+    """One fact from a QA pair; paraphrases are n distinct templates other than the statement's."""
+    if not answers:
+        raise ValueError(f"fact {fact_id}: no answers")
+    if not 1 <= n_paraphrases <= len(TEMPLATES) - 1:
+        raise ValueError(f"n_paraphrases must be in 1..{len(TEMPLATES) - 1}, got {n_paraphrases}")
+    q, a = _clean_question(question), answers[0].strip()
+    chosen = rng.sample(range(1, len(TEMPLATES)), n_paraphrases)
+    return Fact(
+        id=fact_id,
+        source=source,
+        question=q,
+        answers=list(answers),
+        statement=TEMPLATES[0].format(q=q, a=a),
+        paraphrases=[TEMPLATES[i].format(q=q, a=a) for i in chosen],
+        probe=PROBE.format(q=q),
+    )
+
+
+def fact_stream(records: list[dict], source: str, n_paraphrases: int, seed: int) -> list[Fact]:
+    """Facts from normalised QA records ({"question", "answers"}), in the given order."""
+    rng = random.Random(seed)
+    return [make_fact(f"{source}-{i:05d}", source, r["question"], r["answers"], n_paraphrases, rng) for i, r in enumerate(records)]
