@@ -1,0 +1,164 @@
+"""Stage `evaluate`: lm-eval tasks from local YAML, held-out perplexity (memory on and off), fact acquisition.
+
+    python -m slotwise.components.evaluate --params params.yaml --model runs/retrofit --data runs/data --out runs/evaluate
+    slotwise evaluate --model embedded:smollm2-135m-instruct --data runs/data --out runs/evaluate evaluate.limit=10
+
+--model is a slotwise checkpoint directory (retrofitted or not) or any base model source
+(embedded:..., a local HF directory, a .gguf file, a hub id). --data is the data stage's output:
+tasks/<task>.jsonl for each task in evaluate.tasks, background/heldout.jsonl, facts.jsonl.
+
+Writes, atomically, into --out:
+    metrics.json            {task: {metric: value}, "perplexity": {...}, "facts": {...}} for `dvc metrics`
+    plots/scores.{csv,json} one row per (task, metric) score in [0, 1], for `dvc plots`
+    plots/scores.png        bar chart of those scores
+    facts_predictions.jsonl each probe's greedy answer with its EM / F1
+    summary.json            model source, device, timings
+    params.resolved.yaml
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from slotwise.checkpoint import MANIFEST, RETROFIT_FILE, CheckpointError, atomic_dir, load_checkpoint, model_hash, publish_dir
+from slotwise.cli_utils import component_parser, run_cli
+from slotwise.config import ConfigError, load_params, write_resolved
+from slotwise.evaluation.facts import fact_acquisition, read_jsonl
+from slotwise.evaluation.memory_switch import memory_disabled, memory_mode
+from slotwise.evaluation.params import EvaluateParams
+from slotwise.evaluation.perplexity import heldout_perplexity, token_blocks
+from slotwise.evaluation.plots import score_rows, write_scores
+from slotwise.evaluation.tasks import rendered_tasks, run_tasks, task_file
+from slotwise.models import load_base_model
+
+log = logging.getLogger("slotwise.evaluate")
+HELDOUT = Path("background") / "heldout.jsonl"
+FACTS = Path("facts.jsonl")
+
+
+def required_files(p: EvaluateParams, data_dir: Path) -> list[Path]:
+    files = [task_file(data_dir / "tasks", t) for t in p.tasks]
+    if p.perplexity.enabled:
+        files.append(data_dir / HELDOUT)
+    if p.facts.enabled:
+        files.append(data_dir / FACTS)
+    return files
+
+
+def check_data(p: EvaluateParams, data_dir: Path) -> None:
+    for path in required_files(p, data_dir):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: data file not found (expected the data stage's output under {data_dir})")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("key 'evaluate.device': cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def load_model(source: str, dtype: torch.dtype, device: torch.device):
+    """A slotwise checkpoint directory or a base model source -> (model, tokenizer, model hash or None)."""
+    path = Path(source)
+    if path.is_dir() and (path / RETROFIT_FILE).is_file():  # written by slotwise.checkpoint.save_checkpoint
+        model, tokenizer = load_checkpoint(path, dtype=dtype, device=device)
+        digest = model_hash(path) if (path / MANIFEST).is_file() else None
+    else:
+        model, tokenizer = load_base_model(source, dtype=dtype)
+        model.to(device)
+        digest = None
+    if tokenizer is None:
+        raise CheckpointError(f"{source}: no tokenizer saved with the model")
+    return model.eval(), tokenizer, digest
+
+
+def perplexity_metrics(model, tokenizer, p: EvaluateParams, data_dir: Path) -> dict:
+    pp = p.perplexity
+    texts = (row["text"] for row in read_jsonl(data_dir / HELDOUT))
+    blocks = token_blocks(tokenizer, texts, pp.seq_len, pp.max_blocks)
+    if len(blocks) == 0:
+        raise ConfigError(f"key 'evaluate.perplexity.seq_len': {data_dir / HELDOUT} has fewer than {pp.seq_len} tokens (one block)")
+    on = heldout_perplexity(model, tokenizer, None, pp.seq_len, batch_size=pp.batch_size, progress="perplexity", blocks=blocks)
+    off = None
+    if memory_mode(model) == "additive":
+        with memory_disabled(model):
+            off = heldout_perplexity(model, tokenizer, None, pp.seq_len, batch_size=pp.batch_size, progress="perplexity (memory off)", blocks=blocks)
+    return {"heldout": on["perplexity"], "heldout_memory_off": off and off["perplexity"],
+            "nll": on["nll"], "nll_memory_off": off and off["nll"], "tokens": on["tokens"], "blocks": on["blocks"]}
+
+
+def evaluate(model, tokenizer, p: EvaluateParams, data_dir: str | Path) -> tuple[dict, list[dict]]:
+    """Everything the stage measures -> (metrics, per-fact prediction rows). Reads only data_dir."""
+    data_dir = Path(data_dir)
+    check_data(p, data_dir)
+    metrics: dict = {}
+    if p.tasks:
+        with rendered_tasks(data_dir / "tasks", p.max_new_tokens, p.tasks) as include_dir:
+            metrics.update(run_tasks(model, tokenizer, p.tasks, include_dir, {t: p.task_limit(t) for t in p.tasks},
+                                     batch_size=p.batch_size, seed=p.seed, progress=True))
+    if p.perplexity.enabled:
+        metrics["perplexity"] = perplexity_metrics(model, tokenizer, p, data_dir)
+    fact_rows: list[dict] = []
+    if p.facts.enabled:
+        facts = read_jsonl(data_dir / FACTS, p.facts.limit)
+        metrics["facts"], fact_rows = fact_acquisition(model, tokenizer, facts, p.facts.max_new_tokens, p.batch_size, progress="facts")
+    return metrics, fact_rows
+
+
+def _finite(obj):
+    """NaN / inf -> null, so metrics.json stays valid JSON."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = component_parser("slotwise evaluate", __doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="checkpoint directory or base model source (embedded:..., HF dir, .gguf, hub id)")
+    parser.add_argument("--data", default="runs/data", help="the data stage's output directory")
+    parser.add_argument("--out", default="runs/evaluate", help="output directory")
+    args = parser.parse_args(argv)
+    params = load_params(args.params, args.overrides)
+    p: EvaluateParams = params.evaluate
+    data_dir = Path(args.data)
+    check_data(p, data_dir)  # before the (slow) model load
+    device = resolve_device(p.device)
+    torch.manual_seed(p.seed)
+
+    t0 = time.perf_counter()
+    model, tokenizer, digest = load_model(args.model, getattr(torch, p.dtype), device)
+    t_load = time.perf_counter() - t0
+    metrics, fact_rows = evaluate(model, tokenizer, p, data_dir)
+    metrics = _finite(metrics)
+    summary = {"model": args.model, "model_sha256": digest, "memory_mode": memory_mode(model), "data": str(data_dir),
+               "device": str(device), "dtype": p.dtype, "load_seconds": round(t_load, 2),
+               "eval_seconds": round(time.perf_counter() - t0 - t_load, 2)}
+
+    stage = atomic_dir(args.out)
+    try:
+        (stage.tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (stage.tmp / "facts_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fact_rows))
+        write_scores(score_rows(metrics), stage.tmp / "plots")
+        write_resolved(params, stage.tmp)
+    except BaseException:
+        shutil.rmtree(stage.tmp, ignore_errors=True)
+        raise
+    publish_dir(stage)
+    log.info("wrote %s (%s)", args.out, "; ".join(f"{t}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float))
+                                               for t, m in metrics.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,76 @@
+"""Fact acquisition: greedy answers to each fact's probe, scored by SQuAD EM / F1, split by `known`.
+
+    facts = read_jsonl(data_dir / "facts.jsonl")
+    summary, rows = fact_acquisition(model, tokenizer, facts, max_new_tokens=16)
+    summary["unknown"]["exact_match"]   # facts the base model did not know (known: false)
+
+known: true -> "known", false -> "unknown", null -> "unlabelled".
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from slotwise.evaluation.qa import answer_span, exact_match, f1_score
+
+SPLITS = {True: "known", False: "unknown", None: "unlabelled"}
+
+
+def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+                if limit is not None and len(rows) >= limit:
+                    break
+    return rows
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 8,
+                   progress: str | None = None) -> list[str]:
+    """Greedy continuation of each prompt (batched, left padding), cut at the first newline."""
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    out: list[str] = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc=progress, disable=progress is None):
+            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(device)
+            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(gen[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+            out += [answer_span(t) for t in texts]
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def score_answers(facts: list[dict], predictions: list[str]) -> tuple[dict, list[dict]]:
+    """-> (summary: overall and per `known` split {exact_match, f1, n}, per-fact rows)."""
+    rows = [{"id": f.get("id"), "known": f.get("known"), "prediction": p,
+             "exact_match": exact_match(p, f["answers"]), "f1": f1_score(p, f["answers"])}
+            for f, p in zip(facts, predictions)]
+
+    def agg(rs: list[dict]) -> dict:
+        n = len(rs)
+        return {"exact_match": sum(r["exact_match"] for r in rs) / n if n else None,
+                "f1": sum(r["f1"] for r in rs) / n if n else None, "n": n}
+
+    summary = agg(rows)
+    for value, name in SPLITS.items():
+        summary[name] = agg([r for r in rows if r["known"] is value])
+    return summary, rows
+
+
+def fact_acquisition(model, tokenizer, facts: list[dict], max_new_tokens: int = 16, batch_size: int = 8,
+                     progress: str | None = None) -> tuple[dict, list[dict]]:
+    predictions = greedy_answers(model, tokenizer, [f["probe"] for f in facts], max_new_tokens, batch_size, progress)
+    return score_answers(facts, predictions)
