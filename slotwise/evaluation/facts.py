@@ -1,5 +1,8 @@
 """Fact acquisition: greedy answers to each fact's probe, scored by SQuAD EM / F1, split by `known`.
 
+The same generation (slotwise.generation) and scoring (slotwise.qa_metrics) as the continual stage,
+so acquisition means the same thing in both.
+
     facts = read_jsonl(data_dir / "facts.jsonl")
     summary, rows = fact_acquisition(model, tokenizer, facts, max_new_tokens=16)
     summary["unknown"]["exact_match"]   # facts the base model did not know (known: false)
@@ -11,10 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
-from slotwise.evaluation.qa import answer_span, exact_match, f1_score
+from slotwise.generation import greedy_answers
+from slotwise.qa_metrics import exact_match, f1
 
 SPLITS = {True: "known", False: "unknown", None: "unlabelled"}
 
@@ -30,33 +31,10 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
     return rows
 
 
-@torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 8,
-                   progress: str | None = None) -> list[str]:
-    """Greedy continuation of each prompt (batched, left padding), cut at the first newline."""
-    device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    out: list[str] = []
-    try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=progress, disable=progress is None):
-            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(device)
-            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            texts = tokenizer.batch_decode(gen[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
-            out += [answer_span(t) for t in texts]
-    finally:
-        tokenizer.padding_side = side
-    return out
-
-
 def score_answers(facts: list[dict], predictions: list[str]) -> tuple[dict, list[dict]]:
     """-> (summary: overall and per `known` split {exact_match, f1, n}, per-fact rows)."""
     rows = [{"id": f.get("id"), "known": f.get("known"), "prediction": p,
-             "exact_match": exact_match(p, f["answers"]), "f1": f1_score(p, f["answers"])}
+             "exact_match": exact_match(p, f["answers"]), "f1": f1(p, f["answers"])}
             for f, p in zip(facts, predictions)]
 
     def agg(rs: list[dict]) -> dict:

@@ -5,7 +5,7 @@ it by path, so the logic lives in importable slotwise modules and this file only
 """
 import re
 
-from slotwise.evaluation.qa import answer_span, exact_match, f1_score
+from slotwise.qa_metrics import exact_match, f1, first_line
 
 
 def _hellaswag_clean(text: str) -> str:
@@ -30,8 +30,8 @@ def hellaswag_docs(dataset):
 
 def qa_results(doc, results):
     """generate_until -> EM and F1 of the first line of the generation against every accepted answer."""
-    prediction = answer_span(results[0])
-    return {"exact_match": exact_match(prediction, doc["answers"]), "f1": f1_score(prediction, doc["answers"])}
+    prediction = first_line(results[0])
+    return {"exact_match": exact_match(prediction, doc["answers"]), "f1": f1(prediction, doc["answers"])}
 
 
 def nll_results(doc, results):
