@@ -196,6 +196,12 @@ def test_task_runs_end_to_end_through_lm_eval(task_scores, task):
         assert 0.0 < scores["nll_per_char"] < scores["nll"]
 
 
+def test_plain_model_runs_through_lm_eval(tokenizer, data_dir):
+    with rendered_tasks(data_dir / "tasks", max_new_tokens=3, tasks=["nq_open", "arc_easy"]) as include_dir:
+        scores = run_tasks(small_lm(len(tokenizer)), tokenizer, ["nq_open", "arc_easy"], include_dir, batch_size=3)
+    assert scores["nq_open"]["n"] == 3 and 0.0 <= scores["arc_easy"]["acc_norm"] <= 1.0
+
+
 def test_rendered_yaml_points_at_the_data(tmp_path):
     weird = tmp_path / 'dir with "quotes" and spaces'
     with rendered_tasks(weird, max_new_tokens=7) as include_dir:
@@ -266,6 +272,15 @@ def test_memory_disabled_gives_base_logits_and_restores(tokenizer):
     with pytest.raises(ValueError, match="replace"):
         with memory_disabled(replace):
             pass
+
+
+def test_perplexity_memory_off_is_null_for_replace_mode(tokenizer, data_dir):
+    p = component.EvaluateParams()
+    p.perplexity.seq_len, p.perplexity.max_blocks = 16, 2
+    replace = component.perplexity_metrics(small_retrofit(len(tokenizer), mode="replace"), tokenizer, p, data_dir)
+    assert replace["heldout"] > 1 and replace["heldout_memory_off"] is None and replace["nll_memory_off"] is None
+    plain = component.perplexity_metrics(small_lm(len(tokenizer)), tokenizer, p, data_dir)
+    assert plain["heldout_memory_off"] is None and plain["blocks"] == 2
 
 
 # ---------------------------------------------------------------- fact acquisition

@@ -45,23 +45,22 @@ def bar_chart(rows: list[dict], path: str | Path, title: str = "evaluate: task s
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    metrics = [m for m in BOUNDED if any(r["metric"] == m for r in rows)]
-    width = 0.8 / max(1, len(metrics))
+    colors = {m: f"C{i}" for i, m in enumerate(BOUNDED)}
+    width = 0.8 / max([1] + [sum(r["task"] == t for r in rows) for t in tasks])
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks)), 4.0))
-    for j, metric in enumerate(metrics):
-        xs, ys = [], []
-        for i, task in enumerate(tasks):
-            for r in rows:
-                if r["task"] == task and r["metric"] == metric:
-                    xs.append(i + (j - (len(metrics) - 1) / 2) * width)
-                    ys.append(r["score"])
-        bars = ax.bar(xs, ys, width=width, label=metric)
-        ax.bar_label(bars, fmt="%.2f", fontsize=6)
+    seen: set[str] = set()
+    for i, task in enumerate(tasks):  # the task's own metrics, centred on its tick
+        mine = [r for r in rows if r["task"] == task]
+        for j, r in enumerate(mine):
+            label = None if r["metric"] in seen else r["metric"]
+            seen.add(r["metric"])
+            bars = ax.bar(i + (j - (len(mine) - 1) / 2) * width, r["score"], width=width, color=colors[r["metric"]], label=label)
+            ax.bar_label(bars, fmt="%.2f", fontsize=6)
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score")
     ax.set_title(title)
-    if metrics:
+    if seen:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
