@@ -124,9 +124,12 @@ def client(options: S3Options | None = None):
     endpoint = endpoint_url(options)
     if endpoint:
         kwargs["s3"] = {"addressing_style": "path"}
-    session = boto3.session.Session()
-    return session.client("s3", endpoint_url=endpoint, config=Config(**kwargs),
-                          region_name=session.region_name or "us-east-1")
+    try:
+        session = boto3.session.Session()
+        return session.client("s3", endpoint_url=endpoint, config=Config(**kwargs),
+                              region_name=session.region_name or "us-east-1")
+    except Exception as exc:  # noqa: BLE001 - bad endpoint, broken AWS config or credential source
+        raise StorageError(f"{endpoint or 'AWS S3'}: cannot set up an S3 client: {_describe(exc)}") from exc
 
 
 def _root_cause(exc: BaseException) -> BaseException:

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 START_TIMEOUT_S = 30.0
-STOP_GRACE_S = 3.0
+STOP_GRACE_S = 2.0  # the filer waits up to 15 s for gRPC streams on SIGTERM, so SIGKILL is the usual end
 MAX_VOLUMES = 100  # volumes are sparse files of at most 64 MB, created on first write
 ACCESS_KEY = "SLOTWISETESTKEY"
 SECRET_KEY = "slotwise-test-secret-Zq8vX3"  # distinctive, so tests can assert it is never printed
@@ -128,7 +128,7 @@ def start_server(workdir: Path, timeout: float = START_TIMEOUT_S) -> S3Server:
     cmd = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            "-master.volumeSizeLimitMB=64", f"-volume.max={MAX_VOLUMES}", "-master.telemetry=false",
            f"-master.port={master}", f"-master.port.grpc={master_grpc}",
-           f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
+           f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.preStopSeconds=0",
            f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}", f"-filer.localSocket={workdir / 'filer.sock'}",
            "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
            f"-s3.localSocket={workdir / 's3.sock'}", f"-s3.config={workdir / 'identities.json'}"]

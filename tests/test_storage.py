@@ -90,6 +90,39 @@ def test_s3_down_bounded_retries_then_one_line_error(tmp_path, monkeypatch, capl
     assert SECRET_KEY not in text
 
 
+def test_throttling_is_retried_other_errors_are_not(monkeypatch, tmp_path):
+    from botocore.exceptions import ClientError
+
+    waits, calls = [], []
+    monkeypatch.setattr(storage, "_sleep", waits.append)
+
+    def flaky(code, fail_times):
+        def fn():
+            calls.append(code)
+            if len(calls) <= fail_times:
+                raise ClientError({"Error": {"Code": code, "Message": "m"}}, "GetObject")
+            return "ok"
+        return fn
+
+    assert storage._retry("read", "s3://b/k", S3Options(attempts=3), flaky("SlowDown", 2)) == "ok"
+    assert len(calls) == 3 and len(waits) == 2
+    calls.clear()
+    with pytest.raises(StorageError, match=r"^s3://b/k: read failed: AccessDenied: m$"):
+        storage._retry("read", "s3://b/k", S3Options(attempts=3), flaky("AccessDenied", 5))
+    assert len(calls) == 1
+
+    # no credentials anywhere: a one-line hint, not a traceback
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    (port,) = free_ports(1)
+    with pytest.raises(StorageError, match="no AWS credentials"):
+        storage.exists("s3://b/k", S3Options(endpoint_url=f"http://127.0.0.1:{port}"))
+
+
 # --------------------------------------------------------------------------- real S3 server
 
 @pytest.mark.s3
