@@ -432,6 +432,8 @@ def publish(local_path: str | os.PathLike, uri: str | os.PathLike, options: S3Op
     local = Path(local_path)
     if not local.exists():
         raise FileNotFoundError(f"{local}: no such file or directory")
+    if local.is_dir():  # never publish a checkpoint that is already inconsistent
+        _verify_checkpoint_manifest(local, str(local))
     if not is_s3(uri):
         _publish_local(local, Path(uri))
         return str(uri)

@@ -57,6 +57,18 @@ def test_local_paths_pass_through(tmp_path):
     assert (tmp_path / "c.json").read_bytes() == (src / "config.json").read_bytes()
 
 
+def test_inconsistent_checkpoint_is_not_published(tmp_path):
+    src = make_dir(tmp_path / "ckpt")
+    digests = {p.name: storage.sha256_file(p) for p in src.iterdir() if p.is_file()}
+    (src / "manifest.json").write_text(json.dumps(digests))
+    storage.publish(src, tmp_path / "ok")  # consistent: fine
+    (src / "config.json").write_text("{}")
+    for dest in (tmp_path / "bad", "s3://bucket/never-contacted"):
+        with pytest.raises(StorageError, match=r"ckpt/config\.json: does not match the artifact's manifest\.json"):
+            storage.publish(src, dest)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_s3_down_bounded_retries_then_one_line_error(tmp_path, monkeypatch, caplog):
     """A closed port on loopback: exactly `attempts` requests, growing waits, one StorageError line."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "SLOTWISETESTKEY")
@@ -279,3 +291,22 @@ def test_dvc_push_pull_against_seaweedfs(s3_env, s3_bucket, tmp_path):
     (repo / "data.bin").unlink()
     run(str(dvc), "pull", "-q")
     assert (repo / "data.bin").read_bytes() == payload
+
+
+@pytest.mark.s3
+def test_checkpoint_round_trip_loads(s3_env, s3_bucket, tmp_path, input_ids):
+    """A real slotwise checkpoint survives publish -> fetch -> load_checkpoint with identical logits."""
+    import torch
+
+    from conftest import tiny_model, tiny_retrofit_cfg
+    from slotwise.checkpoint import load_checkpoint, save_checkpoint
+    from slotwise.retrofit import retrofit
+
+    model, cfg = tiny_model("llama"), tiny_retrofit_cfg()
+    retrofit(model, cfg)
+    ckpt = save_checkpoint(model, None, tmp_path / "ckpt", cfg)
+    uri = f"s3://{s3_bucket}/runs/retrofit/checkpoint"
+    storage.publish(ckpt, uri)
+    loaded, _ = load_checkpoint(storage.fetch(uri, tmp_path / "cache"))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids).logits, model(input_ids).logits)
