@@ -317,7 +317,11 @@ def list_prefix(uri: str | os.PathLike, options: S3Options | None = None) -> lis
 
 
 def fetch(uri: str | os.PathLike, local_dir: str | os.PathLike, options: S3Options | None = None) -> Path:
-    """Local path -> itself. s3:// URI -> local_dir/<last URI segment>, a verified copy (see module doc)."""
+    """Local path -> itself. s3:// URI -> local_dir/<last URI segment>, a verified copy (see module doc).
+
+    An earlier copy at that path is replaced whole; give URIs that share a last segment their own
+    local_dir.
+    """
     if not is_s3(uri):
         path = Path(uri)
         if not path.exists():
