@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn as nn
-from _helpers import fact_batch, retrofitted, snapshot
+from _continual_helpers import fact_batch, retrofitted, snapshot
 
 from slotwise.continual.grit import (
     GritParams,
@@ -144,6 +144,20 @@ def test_grit_reduces_a_regression_loss_and_adapts_the_rank():
     assert losses[-1] < 0.2 * losses[0], losses[::10]
     assert all(r <= 4 for r in outs[-1]["ranks"].values())
     assert outs[-1]["n_trainable"] <= outs[0]["n_trainable"]
+    # the reprojected adapters still merge into the base weight (peft's r and shapes stay consistent)
+    with torch.no_grad():
+        y = up.model(batch["x"])
+        merged = up.model.merge_and_unload()
+        assert merged.proj.weight.shape == (6, 8)
+        torch.testing.assert_close(merged(batch["x"]), y, rtol=1e-4, atol=1e-5)
+
+
+def test_reprojecting_twice_never_grows_the_rank():
+    model, batch = _regression()
+    up = GritUpdater(model, GritParams(r=4, alpha=4, lr=0.05, targets=["proj"], reproject_every=10, energy=0.9),
+                     loss_fn=_mse)
+    for _ in range(10):
+        up.step(batch)
     ranks_before = up.ranks()
     up.reproject_all()  # the factors now in the rotated basis: reprojecting again keeps the product
     assert all(up.ranks()[n] <= ranks_before[n] for n in ranks_before)

@@ -1,7 +1,7 @@
 """SMF: only the selected value rows (and their optimizer state) ever change, and the loss falls."""
 import pytest
 import torch
-from _helpers import fact_batch, random_background, retrofitted, snapshot
+from _continual_helpers import fact_batch, random_background, retrofitted, snapshot
 
 from slotwise import kernels
 from slotwise.continual.pools import value_pools

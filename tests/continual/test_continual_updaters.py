@@ -1,6 +1,6 @@
 """make_updater: one interface over SMF, full finetuning, LoRA and GRIT."""
 import pytest
-from _helpers import fact_batch, random_background, retrofitted
+from _continual_helpers import fact_batch, random_background, retrofitted
 
 from slotwise.continual.pools import value_pools
 from slotwise.continual.updaters import make_updater

@@ -1,7 +1,7 @@
 """Full finetuning and LoRA baselines on a tiny retrofitted decoder."""
 import pytest
 import torch
-from _helpers import fact_batch, retrofitted, snapshot
+from _continual_helpers import fact_batch, retrofitted, snapshot
 
 from conftest import tiny_model
 from slotwise.continual.baselines import FullFinetuner, FullFTConfig, LoraFinetuner, LoraParams, lora_target_modules
