@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from _continual_helpers import fact_batch, retrofitted, snapshot
+from _continual_helpers import fact_batch, retrofitted
 from safetensors.torch import save_model
 
 from slotwise.continual.delta import (
