@@ -13,6 +13,7 @@ from slotwise.cli_utils import run_cli
 STAGES = {
     "data": "slotwise.components.data",
     "retrofit": "slotwise.components.retrofit",
+    "slot_stats": "slotwise.components.slot_stats",
     "evaluate": "slotwise.components.evaluate",
     "report": "slotwise.components.report",
 }

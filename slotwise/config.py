@@ -35,6 +35,18 @@ class RetrofitParams:
     insert: RetrofitConfig = field(default_factory=RetrofitConfig)
 
 
+@dataclass
+class SlotStatsParams:
+    """Slot-frequency table over data/background/stats.jsonl (held-out background documents)."""
+    seq_len: int = 128
+    batch_size: int = 8  # one batch = one "document" for document frequencies (|B| = batches)
+    max_batches: int | None = 200  # None: every full batch
+    max_docs: int | None = None  # documents read from stats.jsonl (None: all)
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"
+    top: int = 10  # most-read slots listed per table in summary.json
+
+
 TASKS = ("nq_open", "triviaqa", "hellaswag", "arc_easy", "arc_challenge", "piqa", "lambada", "gsm8k")
 
 
@@ -61,6 +73,7 @@ class DataParams:
 class Params:
     data: DataParams = field(default_factory=DataParams)
     retrofit: RetrofitParams = field(default_factory=RetrofitParams)
+    slot_stats: SlotStatsParams = field(default_factory=SlotStatsParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
 
@@ -147,6 +160,17 @@ def _check(params: Params, where: str) -> None:
         raise ConfigError(f"{where}: key 'retrofit.insert.memory.k_dim': expected an even number, got {m.k_dim}")
     if m.knn > m.n_keys:
         raise ConfigError(f"{where}: key 'retrofit.insert.memory.knn': must not exceed n_keys ({m.n_keys}), got {m.knn}")
+    s = params.slot_stats
+    for key in ("seq_len", "batch_size", "top"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"{where}: key 'slot_stats.{key}': expected a positive integer, got {getattr(s, key)}")
+    for key in ("max_batches", "max_docs"):
+        if getattr(s, key) is not None and getattr(s, key) <= 0:
+            raise ConfigError(f"{where}: key 'slot_stats.{key}': expected a positive integer or null, got {getattr(s, key)}")
+    if s.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"{where}: key 'slot_stats.device': expected auto | cpu | cuda, got {s.device!r}")
+    if s.dtype not in DTYPES:
+        raise ConfigError(f"{where}: key 'slot_stats.dtype': expected one of {DTYPES}, got {s.dtype!r}")
     check_evaluate_params(params.evaluate, where)
 
 

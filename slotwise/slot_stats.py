@@ -33,15 +33,26 @@ class LayerStats:
     def empty(cls, n_slots: int) -> "LayerStats":
         return cls(n_slots, torch.zeros(n_slots, dtype=torch.long), torch.zeros(n_slots, dtype=torch.long))
 
-    def add_batch(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """ids (B, S, H, knn), mask (B, S) (True = real token)."""
+    def add_batch(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """ids (B, S, H, knn), mask (B, S) (True = real token) -> this batch's counts (N,) int64."""
         flat_ids = ids.reshape(-1, ids.shape[-2] * ids.shape[-1])  # (T, H*knn)
         flat_mask = None if mask is None else mask.reshape(-1).to(flat_ids.device)
-        counts, present = kernels.slot_histogram(flat_ids, self.n_slots, flat_mask)
-        self.counts += counts.cpu()
-        self.df += present.cpu().long()
+        counts, _ = kernels.slot_histogram(flat_ids, self.n_slots, flat_mask)
+        self.add_counts(counts, int(flat_ids.shape[0] if mask is None else mask.sum()))
+        return counts
+
+    def add_counts(self, counts: torch.Tensor, n_tokens: int) -> None:
+        """Accumulate one batch's access counts (N,) int64: df grows by one wherever counts > 0.
+
+        Stays on the device the statistics live on (no host sync when both are on the GPU).
+        """
+        self.counts += counts.to(self.counts.device)
+        self.df += (counts > 0).to(self.df.device)
         self.n_batches += 1
-        self.n_tokens += int(flat_ids.shape[0] if flat_mask is None else flat_mask.sum())
+        self.n_tokens += n_tokens
+
+    def to(self, device: torch.device | str) -> "LayerStats":
+        return LayerStats(self.n_slots, self.counts.to(device), self.df.to(device), self.n_batches, self.n_tokens)
 
 
 def summarize(s: LayerStats, top: int = 10) -> dict:
@@ -85,20 +96,20 @@ def collect(model, batches: list[torch.Tensor], masks: list[torch.Tensor] | None
     if not layers:
         raise ValueError("the model has no memory layers (retrofit it first)")
     groups = pool_groups(model)
-    per_layer = {i: LayerStats.empty(m.n_slots) for i, m in layers.items()}
-    per_pool = {name: LayerStats.empty(layers[ids[0]].n_slots) for name, ids in groups.items()}
     device = next(model.parameters()).device
+    # Accumulate where the ids are (one histogram per layer and batch, no host round trip).
+    per_layer = {i: LayerStats.empty(m.n_slots).to(device) for i, m in layers.items()}
+    shared = {name: LayerStats.empty(layers[ids[0]].n_slots).to(device) for name, ids in groups.items() if len(ids) > 1}
     for b, batch in enumerate(tqdm(batches, desc=progress, disable=progress is None)):
         mask = None if masks is None else masks[b]
         with record_lookups(model) as lookups:
             model(batch.to(device), attention_mask=None if mask is None else mask.to(device))
-        for i, records in lookups.items():
-            per_layer[i].add_batch(records[0].ids, mask)
-        for name, ids in groups.items():
-            if len(ids) == 1:
-                per_pool[name] = per_layer[ids[0]]
-            else:  # concatenate the layers' reads along the sequence: one batch, several readers
-                cat_ids = torch.cat([lookups[i][0].ids for i in ids], dim=1)  # (B, S*L, H, knn)
-                cat_mask = None if mask is None else mask.repeat(1, len(ids))
-                per_pool[name].add_batch(cat_ids, cat_mask)
+        batch_counts = {i: per_layer[i].add_batch(records[0].ids, mask) for i, records in lookups.items()}
+        n_tokens = batch.numel() if mask is None else int(mask.sum())
+        for name, stats in shared.items():
+            # one batch, several readers: counts add over the layers; df counts the batch once
+            ids = groups[name]
+            stats.add_counts(sum(batch_counts[i] for i in ids), n_tokens * len(ids))
+    per_layer = {i: s.to("cpu") for i, s in per_layer.items()}
+    per_pool = {name: shared[name].to("cpu") if name in shared else per_layer[ids[0]] for name, ids in groups.items()}
     return per_layer, per_pool
