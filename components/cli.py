@@ -14,6 +14,7 @@ STAGES = {
     "data": "slotwise.components.data",
     "retrofit": "slotwise.components.retrofit",
     "slot_stats": "slotwise.components.slot_stats",
+    "train": "slotwise.components.train",
     "evaluate": "slotwise.components.evaluate",
     "report": "slotwise.components.report",
 }

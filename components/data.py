@@ -66,11 +66,20 @@ def mark_known(facts: list[Fact], model_source: str, batch_size: int) -> None:
         fact.extra["base_answer"] = answer
 
 
+def _required(name: str, p: DataParams) -> tuple[list[dict], str]:
+    try:
+        return load(name, p.sources, p.local_dir)
+    except NotAvailable as exc:
+        raise DataError(f"data.sources {p.sources}: {exc}") from None
+
+
 def build(p: DataParams, out_dir: Path) -> dict:
     """Write every file into out_dir (a staging directory) and return the manifest."""
     manifest: dict = {"datasets": {}, "skipped": {}}
+    if "local" in p.sources and not Path(p.local_dir).is_dir():
+        log.warning("data.local_dir %s does not exist; the local source will have nothing", p.local_dir)
 
-    qa, source = load(p.facts_from, p.sources, p.local_dir)
+    qa, source = _required(p.facts_from, p)
     order = list(range(len(qa)))
     random.Random(p.seed).shuffle(order)
     if len(order) < p.n_facts:
@@ -85,7 +94,7 @@ def build(p: DataParams, out_dir: Path) -> dict:
     manifest["datasets"]["facts"] = {"source": source, "from": p.facts_from, "count": n,
                                      "known": sum(bool(f.known) for f in facts) if p.mark_known else None}
 
-    docs, source = load(p.background, p.sources, p.local_dir)
+    docs, source = _required(p.background, p)
     for split, part in split_background(docs, p).items():
         n = write_jsonl(out_dir / "background" / f"{split}.jsonl", ({"text": d["text"]} for d in part))
         manifest["datasets"][f"background/{split}"] = {"source": source, "from": p.background, "count": n}

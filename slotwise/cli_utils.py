@@ -11,8 +11,9 @@ from slotwise.checkpoint import CheckpointError
 from slotwise.config import ConfigError
 from slotwise.models import ModelSourceError
 from slotwise.sources import DataError
+from slotwise.storage import StorageError
 
-USER_ERRORS = (ConfigError, ModelSourceError, CheckpointError, DataError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ModelSourceError, CheckpointError, DataError, StorageError, FileNotFoundError)
 
 
 def component_parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -17,7 +17,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from slotwise.evaluation.params import EvaluateParams, check_evaluate_params
 from slotwise.models import DEFAULT_MODEL
+from slotwise.optim import SCHEDULES
 from slotwise.retrofit import MODES, RetrofitConfig
+from slotwise.training import LoopParams
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -70,10 +72,39 @@ class DataParams:
 
 
 @dataclass
+class PretrainParams:
+    """A small Llama-style model trained from scratch: with memory, or dense at the same FLOPs."""
+    variant: str = "memory"  # memory | dense (iso-FLOP: the FFN grows to match the memory's FLOPs)
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 768
+    memory_layers: list[int] = field(default_factory=lambda: [3])
+    memory_out_init_std: float = 0.02
+
+
+@dataclass
+class TrainParams:
+    mode: str = "heal"  # heal (memory only, general text) | sft (prompt/answer pairs) | pretrain
+    device: str = "auto"
+    seq_len: int = 128
+    batch_size: int = 8
+    max_docs: int | None = 3000  # background documents tokenized for heal / pretrain (None: all)
+    eval_batches: int = 4  # held-out batches for early stopping
+    report_batches: int = 16  # held-out background batches for the usage / specificity report
+    sft_data: str = "${data.local_dir}/sft/gsm8k.train.jsonl"
+    sft_max_examples: int | None = 2000
+    loop: LoopParams = field(default_factory=LoopParams)
+    pretrain: PretrainParams = field(default_factory=PretrainParams)
+
+
+@dataclass
 class Params:
     data: DataParams = field(default_factory=DataParams)
     retrofit: RetrofitParams = field(default_factory=RetrofitParams)
     slot_stats: SlotStatsParams = field(default_factory=SlotStatsParams)
+    train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
 
@@ -130,6 +161,17 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
 
 def _check(params: Params, where: str) -> None:
     """Value checks the type system cannot express."""
+    t = params.train
+    if t.mode not in ("heal", "sft", "pretrain"):
+        raise ConfigError(f"{where}: key 'train.mode': expected heal | sft | pretrain, got {t.mode!r}")
+    if t.loop.trainable not in ("memory", "all"):
+        raise ConfigError(f"{where}: key 'train.loop.trainable': expected memory | all, got {t.loop.trainable!r}")
+    if t.loop.optim.schedule not in SCHEDULES:
+        raise ConfigError(f"{where}: key 'train.loop.optim.schedule': expected one of {SCHEDULES}, got {t.loop.optim.schedule!r}")
+    if t.pretrain.variant not in ("memory", "dense"):
+        raise ConfigError(f"{where}: key 'train.pretrain.variant': expected memory | dense, got {t.pretrain.variant!r}")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"{where}: key 'train.device': expected auto | cpu | cuda, got {t.device!r}")
     d = params.data
     from slotwise.sources import SOURCES
 
@@ -145,8 +187,6 @@ def _check(params: Params, where: str) -> None:
             raise ConfigError(f"{where}: key 'data.tasks': unknown task {task!r} (known: {', '.join(TASKS)})")
     if not 1 <= d.n_paraphrases <= 11:
         raise ConfigError(f"{where}: key 'data.n_paraphrases': expected 1..11, got {d.n_paraphrases}")
-    if "local" in d.sources and not Path(d.local_dir).is_dir():
-        raise ConfigError(f"{where}: key 'data.local_dir': directory not found: {d.local_dir}")
     r = params.retrofit
     if r.dtype not in DTYPES:
         raise ConfigError(f"{where}: key 'retrofit.dtype': expected one of {DTYPES}, got {r.dtype!r}")

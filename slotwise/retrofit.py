@@ -43,6 +43,8 @@ class MemoryMLP(nn.Module):
         self.alpha = alpha
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.mlp is not None and self.alpha == 0:  # memory switched off: skip the lookup entirely
+            return self.mlp(x, *args, **kwargs)
         mem = self.memory(x).out
         if self.mlp is None:
             return mem
@@ -138,3 +140,24 @@ def record_lookups(model: nn.Module) -> Iterator[dict[int, list[MemoryOutput]]]:
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def memory_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the model as if its additive memory branches were absent (alpha = 0), then restore.
+
+    Replace-mode layers have no FFN to fall back on, so they are refused. A model without memory
+    layers passes through unchanged.
+    """
+    wrapped = [m for m in model.modules() if isinstance(m, MemoryMLP)]
+    replace = [w for w in wrapped if w.mode != "additive"]
+    if replace:
+        raise ValueError(f"memory_disabled: {len(replace)} memory layer(s) replace their FFN; memory off is undefined there")
+    saved = [w.alpha for w in wrapped]
+    try:
+        for w in wrapped:
+            w.alpha = 0.0
+        yield
+    finally:
+        for w, a in zip(wrapped, saved):
+            w.alpha = a

@@ -60,3 +60,49 @@ def fixed_batches(blocks: torch.Tensor, batch_size: int, max_batches: int | None
 
 def write_json(path: str | Path, obj) -> None:
     Path(path).write_text(json.dumps(obj, indent=2))
+
+
+def lm_batch(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Packed blocks: every token is a target (HF shifts labels inside the model)."""
+    return {"input_ids": blocks, "attention_mask": torch.ones_like(blocks), "labels": blocks.clone()}
+
+
+def prompt_answer_examples(pairs: list[tuple[str, str]], tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt, answer) -> (input ids, labels) with the loss on the answer (+ EOS) only."""
+    out = []
+    for prompt, answer in pairs:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (p + a)[:max_len]
+        labels = ([-100] * len(p) + a)[:max_len]
+        if any(t != -100 for t in labels):
+            out.append((ids, labels))
+    return out
+
+
+def pad_examples(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding is masked out of attention and loss."""
+    n = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for r, (x, y) in enumerate(examples):
+        ids[r, : len(x)] = torch.tensor(x)
+        labels[r, : len(y)] = torch.tensor(y)
+        mask[r, : len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class ExampleSchedule:
+    """Like BlockSchedule, for variable-length examples: batch at step = f(seed, step)."""
+
+    def __init__(self, examples: list[tuple[list[int], list[int]]], batch_size: int, seed: int, pad_id: int):
+        if len(examples) < batch_size:
+            raise ValueError(f"{len(examples)} examples are fewer than one batch of {batch_size}")
+        self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
+        self.per_epoch = len(examples) // batch_size
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        epoch, i = divmod(step, self.per_epoch)
+        perm = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        return pad_examples([self.examples[j] for j in perm[i * self.batch_size:(i + 1) * self.batch_size]], self.pad_id)

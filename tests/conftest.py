@@ -11,6 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
@@ -41,6 +43,28 @@ def tiny_retrofit_cfg(**memory) -> RetrofitConfig:
     mem = dict(n_keys=8, heads=2, knn=4, k_dim=16)
     mem.update(memory)
     return RetrofitConfig(layers=[1, 3], mode="additive", alpha=1.0, memory=MemoryConfig(**mem))
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The real SmolLM2 tokenizer, read from the embedded GGUF (a few seconds, offline)."""
+    from transformers import AutoTokenizer
+
+    from slotwise.models import resolve_source
+
+    path, kwargs = resolve_source("embedded:smollm2-135m-instruct")
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def small_llama(vocab_size: int, seed: int = 0):
+    """A 2-layer Llama with a real vocabulary, for tests that need a real tokenizer."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512, tie_word_embeddings=True)
+    return AutoModelForCausalLM.from_config(cfg).eval()
 
 
 @pytest.fixture

@@ -9,12 +9,9 @@ passes through unchanged.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch.nn as nn
 
-from slotwise.retrofit import MemoryMLP
+from slotwise.retrofit import MemoryMLP, memory_disabled  # noqa: F401  (re-exported)
 
 
 def memory_mlps(model: nn.Module) -> list[MemoryMLP]:
@@ -27,20 +24,3 @@ def memory_mode(model: nn.Module) -> str | None:
     if not modes:
         return None
     return modes.pop() if len(modes) == 1 else "mixed"
-
-
-@contextlib.contextmanager
-def memory_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Set alpha = 0 on every additive memory layer inside the block; restore the old values after."""
-    mlps = memory_mlps(model)
-    replace = [m for m in mlps if m.mode != "additive"]
-    if replace:
-        raise ValueError(f"memory_disabled: {len(replace)} memory layer(s) replace their FFN; memory off is undefined there")
-    saved = [m.alpha for m in mlps]
-    try:
-        for m in mlps:
-            m.alpha = 0.0
-        yield model
-    finally:
-        for m, alpha in zip(mlps, saved):
-            m.alpha = alpha

@@ -1,0 +1,76 @@
+"""Optimizer groups, built by a function from the model's parts (nothing discovered from tags).
+
+    values    memory value pools: SparseAdam when the memory has sparse gradients (a ~1M-row
+              pool would make a dense Adam step touch every row), else Adam
+    memory    keys, query projection and norm, gate (W1), output projection (W2): AdamW
+    base      the pretrained model's own weights, only when trainable == "all": AdamW
+Each group has its own learning rate; all share one warmup + cosine schedule.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from slotwise.retrofit import memory_layers, memory_parameters
+
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class OptimParams:
+    lr_values: float = 2e-3
+    lr_memory: float = 1e-3
+    lr_base: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # on the dense parameters; 0 disables
+
+
+def trainable_groups(model, trainable: str) -> dict[str, list[torch.nn.Parameter]]:
+    """{"values": [...], "memory": [...], "base": [...]}; sets requires_grad accordingly."""
+    mem = memory_parameters(model) if memory_layers(model) else {"values": [], "other": []}
+    mem_ids = {id(p) for ps in mem.values() for p in ps}
+    base = [p for p in model.parameters() if id(p) not in mem_ids]
+    if trainable not in ("memory", "all"):
+        raise ValueError(f"train.trainable must be 'memory' or 'all', got {trainable!r}")
+    if trainable == "memory" and not mem_ids:
+        raise ValueError("train.trainable=memory but the model has no memory layers")
+    for p in base:
+        p.requires_grad_(trainable == "all")
+    for ps in mem.values():
+        for q in ps:
+            q.requires_grad_(True)
+    return {"values": mem["values"], "memory": mem["other"], "base": base if trainable == "all" else []}
+
+
+def build_optimizers(model, groups: dict[str, list[torch.nn.Parameter]], p: OptimParams) -> dict[str, torch.optim.Optimizer]:
+    betas = tuple(p.betas)
+    sparse = any(m.cfg.sparse_grad for m in memory_layers(model).values())
+    opts: dict[str, torch.optim.Optimizer] = {}
+    if groups["values"]:
+        opts["values"] = (torch.optim.SparseAdam(groups["values"], lr=p.lr_values, betas=betas) if sparse
+                          else torch.optim.Adam(groups["values"], lr=p.lr_values, betas=betas))
+    if groups["memory"]:
+        opts["memory"] = torch.optim.AdamW(groups["memory"], lr=p.lr_memory, betas=betas, weight_decay=p.weight_decay)
+    if groups["base"]:
+        opts["base"] = torch.optim.AdamW(groups["base"], lr=p.lr_base, betas=betas, weight_decay=p.weight_decay)
+    return opts
+
+
+def lr_factor(step: int, max_steps: int, p: OptimParams) -> float:
+    """Linear warmup to 1, then cosine down to min_lr_ratio (or constant)."""
+    if p.warmup_steps and step < p.warmup_steps:
+        return (step + 1) / p.warmup_steps
+    if p.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - p.warmup_steps) / max(1, max_steps - p.warmup_steps))
+    return p.min_lr_ratio + (1 - p.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_schedulers(opts: dict[str, torch.optim.Optimizer], max_steps: int, p: OptimParams):
+    return {k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, max_steps, p)) for k, o in opts.items()}

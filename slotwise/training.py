@@ -1,0 +1,203 @@
+"""The training loop shared by heal, SFT and pretraining: resumable to the same final weights.
+
+State that a restart needs lives in a state directory, written atomically every `save_every`
+steps: the trainable parameters (safetensors), optimizer and scheduler states, RNG states, the
+step, the early-stopping record and the history. Batches are a pure function of (seed, step)
+(see text_blocks.BlockSchedule), so a run killed at any point and restarted reaches the same
+weights as one that never stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from slotwise.checkpoint import atomic_dir, publish_dir
+from slotwise.optim import OptimParams, build_optimizers, build_schedulers, trainable_groups
+from slotwise.retrofit import record_lookups
+
+log = logging.getLogger("slotwise.train")
+
+
+@dataclass
+class LoopParams:
+    max_steps: int = 60
+    eval_every: int = 20
+    early_stop_patience: int | None = 3  # evals without improvement before stopping; None: never
+    save_every: int = 10
+    seed: int = 0
+    balance_weight: float = 0.03  # sub-key balancing loss (0 disables)
+    trainable: str = "memory"  # memory | all
+    optim: OptimParams = field(default_factory=OptimParams)
+
+
+Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels
+
+
+def lm_loss(model, batch: Batch, balance_weight: float) -> tuple[torch.Tensor, dict]:
+    """Next-token loss (+ the memory's balancing loss, read from what each layer returned)."""
+    with record_lookups(model) as lookups:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+    loss = out.loss
+    stats = {"lm_loss": loss.item()}
+    balances = [r.balance for recs in lookups.values() for r in recs if r.balance is not None]
+    if balance_weight and balances:
+        balance = torch.stack(balances).mean()
+        loss = loss + balance_weight * balance
+        stats["balance"] = balance.item()
+    return loss, stats
+
+
+@torch.no_grad()
+def eval_loss(model, batches: list[Batch]) -> float:
+    """Mean next-token loss per token over fixed held-out batches."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for b in batches:
+        logits = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits[:, :-1]
+        labels = b["labels"][:, 1:]
+        mask = labels != -100
+        nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.clamp_min(0).reshape(-1), reduction="none")
+        total += (nll * mask.reshape(-1)).sum().item()
+        n += int(mask.sum())
+    model.train(was_training)
+    return total / max(n, 1)
+
+
+def _trainable_state(model, names: list[str]) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().cpu().clone().contiguous() for n in names}
+
+
+def _load_trainable(model, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+
+
+def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p: LoopParams, state_dir: str | Path,
+          device: torch.device | str = "cpu", progress: bool = True) -> dict:
+    """Train in place for p.max_steps (resuming from state_dir if it holds a state); return the record.
+
+    On return the model holds the best weights seen on eval_batches (early stopping), and the record
+    has the history, the best step and the time per step.
+    """
+    state_dir = Path(state_dir)
+    groups = trainable_groups(model, p.trainable)
+    names = [n for n, q in model.named_parameters() if q.requires_grad]
+    dense = [q for q in groups["memory"] + groups["base"]]
+    if not any(m.cfg.sparse_grad for m in _memories(model)):
+        dense += groups["values"]
+    opts = build_optimizers(model, groups, p.optim)
+    scheds = build_schedulers(opts, p.max_steps, p.optim)
+    torch.manual_seed(p.seed)
+    random.seed(p.seed)
+    record = {"history": [], "best_step": 0, "best_eval_loss": None, "evals_without_improvement": 0, "step": 0}
+    best_state = None
+    if (state_dir / "trainer.pt").is_file():
+        ckpt = torch.load(state_dir / "trainer.pt", weights_only=False)
+        _load_trainable(model, load_file(state_dir / "trainable.safetensors"))
+        for k, o in opts.items():
+            o.load_state_dict(ckpt["optimizers"][k])
+            scheds[k].load_state_dict(ckpt["schedulers"][k])
+        _set_rng_state(ckpt["rng"])
+        record = ckpt["record"]
+        if (state_dir / "best.safetensors").is_file():
+            best_state = load_file(state_dir / "best.safetensors")
+        log.info("resumed from %s at step %d", state_dir, record["step"])
+
+    def save_state():
+        stage = atomic_dir(state_dir)
+        save_file(_trainable_state(model, names), stage.tmp / "trainable.safetensors")
+        if best_state is not None:
+            save_file(best_state, stage.tmp / "best.safetensors")
+        torch.save({"optimizers": {k: o.state_dict() for k, o in opts.items()},
+                    "schedulers": {k: s.state_dict() for k, s in scheds.items()},
+                    "rng": _rng_state(), "record": record}, stage.tmp / "trainer.pt")
+        publish_dir(stage)
+
+    if record["step"] == 0 and not record["history"]:
+        record["best_eval_loss"] = eval_loss(model, eval_batches)
+        record["history"].append({"step": 0, "eval_loss": record["best_eval_loss"]})
+        best_state = _trainable_state(model, names)
+    model.train()
+    bar = tqdm(total=p.max_steps, initial=record["step"], desc="train", disable=not progress)
+    t_start, steps_here = time.perf_counter(), 0
+    while record["step"] < p.max_steps:
+        step = record["step"]
+        batch = {k: v.to(device) for k, v in batch_at(step).items()}
+        loss, stats = lm_loss(model, batch, p.balance_weight)
+        for o in opts.values():
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        if p.optim.grad_clip and dense:
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(dense, p.optim.grad_clip))
+        for k in opts:
+            opts[k].step()
+            scheds[k].step()
+        record["step"] = step + 1
+        steps_here += 1
+        entry = {"step": step + 1, **stats}
+        if (step + 1) % p.eval_every == 0 or step + 1 == p.max_steps:
+            ev = eval_loss(model, eval_batches)
+            entry["eval_loss"] = ev
+            if ev < record["best_eval_loss"]:
+                record.update(best_eval_loss=ev, best_step=step + 1, evals_without_improvement=0)
+                best_state = _trainable_state(model, names)
+            else:
+                record["evals_without_improvement"] += 1
+        record["history"].append(entry)
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['lm_loss']:.3f}", **({"eval": f"{entry['eval_loss']:.3f}"} if "eval_loss" in entry else {}))
+        stop = p.early_stop_patience is not None and record["evals_without_improvement"] >= p.early_stop_patience
+        if stop:
+            record["stopped_early_at"] = step + 1
+            record["step"] = p.max_steps  # a resumed run must not continue past an early stop
+        if (step + 1) % p.save_every == 0 or record["step"] >= p.max_steps:
+            save_state()
+        if stop:
+            log.info("early stop at step %d: held-out loss has not improved for %d evals", step + 1, p.early_stop_patience)
+            break
+    bar.close()
+    if steps_here:
+        record["seconds_per_step"] = (time.perf_counter() - t_start) / steps_here
+    if best_state is not None:
+        _load_trainable(model, best_state)
+    model.eval()
+    record["best_eval_ppl"] = math.exp(record["best_eval_loss"])
+    return record
+
+
+def _memories(model):
+    from slotwise.retrofit import memory_layers
+
+    return memory_layers(model).values()
+
+
+def clear_state(state_dir: str | Path) -> None:
+    shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def write_record(path: str | Path, record: dict) -> None:
+    Path(path).write_text(json.dumps(record, indent=2))

@@ -1,0 +1,135 @@
+"""The train stage: resumes to the same weights, trains what it says, heals/SFTs/pretrains."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import SHARED_DATA, small_llama, tiny_retrofit_cfg
+from slotwise.checkpoint import load_checkpoint, save_checkpoint
+from slotwise.components import train as train_component
+from slotwise.retrofit import retrofit
+from slotwise.sources import _local
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """background/{train,heldout,stats}.jsonl from real WikiText-2 articles."""
+    docs = [d["text"][:3000] for d in _local(SHARED_DATA, "wikitext2")]
+    root = tmp_path_factory.mktemp("data")
+    (root / "background").mkdir()
+    for name, part in (("heldout", docs[:3]), ("stats", docs[3:6]), ("train", docs[6:30])):
+        (root / "background" / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    return root
+
+
+@pytest.fixture(scope="module")
+def retrofit_dir(tmp_path_factory, smol_tokenizer):
+    model = retrofit(small_llama(len(smol_tokenizer)), tiny_retrofit_cfg(out_init_std=0.05).__class__(
+        layers=[1], memory=tiny_retrofit_cfg(out_init_std=0.05).memory))
+    out = tmp_path_factory.mktemp("ckpt") / "retrofit"
+    save_checkpoint(model, smol_tokenizer, out, tiny_retrofit_cfg(out_init_std=0.05).__class__(
+        layers=[1], memory=tiny_retrofit_cfg(out_init_std=0.05).memory))
+    return out
+
+
+def _params(tmp_path: Path, steps: int, extra: str = "") -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(f"""
+data: {{sources: [local], local_dir: {SHARED_DATA}}}
+train:
+  seq_len: 32
+  batch_size: 2
+  eval_batches: 2
+  report_batches: 2
+  loop: {{max_steps: {steps}, eval_every: 5, save_every: 3, early_stop_patience: null, optim: {{warmup_steps: 2}}}}
+{extra}""")
+    return p
+
+
+def _args(params, model, data, out, *over):
+    return ["--params", str(params), "--model", str(model), "--data", str(data), "--out", str(out), *over]
+
+
+def test_heal_trains_only_the_memory(tmp_path, retrofit_dir, data_dir):
+    params = _params(tmp_path, 6)
+    assert train_component.main(_args(params, retrofit_dir, data_dir, tmp_path / "out")) == 0
+    before = load_file(retrofit_dir / "model.safetensors")
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".mlp.memory." in k for k in changed), changed
+    assert any("values" in k for k in changed)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["step"] == 6 and "memory" in summary
+    layer = summary["memory"]["layers"]["1"]
+    assert 0 < layer["coverage"] <= 1 and 0 < layer["effective_slots"] <= 1
+    assert summary["memory"]["heldout_ppl_memory_off"] > 1
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, retrofit_dir, data_dir):
+    steps = 200
+    params = _params(tmp_path, steps)
+    # Uninterrupted reference run.
+    assert train_component.main(_args(params, retrofit_dir, data_dir, tmp_path / "ref", "--state", str(tmp_path / "ref_state"))) == 0
+    # A run killed (SIGKILL) as soon as it has written its first state, then restarted.
+    state = tmp_path / "state"
+    cmd = [sys.executable, "-m", "slotwise.components.train", *_args(params, retrofit_dir, data_dir, tmp_path / "out", "--state", str(state))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while not (state / "trainer.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out").exists(), "the run finished before it could be killed"
+    killed_at = torch.load(state / "trainer.pt", weights_only=False)["record"]["step"]
+    assert 0 < killed_at < steps
+    assert train_component.main(_args(params, retrofit_dir, data_dir, tmp_path / "out", "--state", str(state))) == 0
+    ref = load_file(tmp_path / "ref" / "model.safetensors")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert ref.keys() == got.keys()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_sft_puts_the_loss_on_answers_only(smol_tokenizer):
+    from slotwise.text_blocks import pad_examples, prompt_answer_examples
+
+    ex = prompt_answer_examples([("Question: 2+2?\nAnswer: ", "4"), ("Question: capital of Italy?\nAnswer: ", "Rome")], smol_tokenizer, 64)
+    batch = pad_examples(ex, smol_tokenizer.eos_token_id)
+    for row, (prompt, answer) in enumerate([("Question: 2+2?\nAnswer: ", "4"), ("Question: capital of Italy?\nAnswer: ", "Rome")]):
+        targets = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        assert targets == smol_tokenizer(answer, add_special_tokens=False)["input_ids"] + [smol_tokenizer.eos_token_id]
+        assert batch["attention_mask"][row].sum() == len(ex[row][0])
+
+
+def test_sft_mode_trains_on_gsm8k(tmp_path, retrofit_dir, data_dir):
+    params = _params(tmp_path, 3, f"  mode: sft\n  sft_data: {SHARED_DATA}/sft/gsm8k.train.jsonl\n  sft_max_examples: 20\n  seq_len: 64\n")
+    params.write_text(params.read_text().replace("  seq_len: 32\n", "", 1))
+    assert train_component.main(_args(params, retrofit_dir, data_dir, tmp_path / "out")) == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["mode"] == "sft"
+
+
+@pytest.mark.parametrize("variant", ["memory", "dense"])
+def test_pretrain_memory_vs_iso_flop_dense(tmp_path, data_dir, variant):
+    from slotwise.config import load_params
+
+    extra = f"  mode: pretrain\n  pretrain: {{variant: {variant}, hidden_size: 32, num_layers: 2, num_heads: 4, num_kv_heads: 2, intermediate_size: 64, memory_layers: [1]}}\n"
+    extra += "retrofit:\n  insert:\n    memory: {n_keys: 8, heads: 2, knn: 4, k_dim: 16}\n"
+    params = _params(tmp_path, 3, extra)
+    assert train_component.main(_args(params, "embedded:smollm2-135m-instruct", data_dir, tmp_path / "out")) == 0
+    model, _ = load_checkpoint(tmp_path / "out")
+    p = load_params(params)
+    mem_flops = train_component.memory_flops_per_token(32, p.retrofit.insert.memory)
+    # worked out: query 32*2*16 + sub-keys 2*8*16 + candidates 2*16 + values 2*4*32 + gate 32*32 + out 32*32
+    assert mem_flops == 1024 + 256 + 32 + 256 + 1024 + 1024
+    if variant == "dense":
+        assert model.config.intermediate_size == 64 + round(mem_flops / (3 * 32 * 2))
+    else:
+        assert model.config.intermediate_size == 64 and len(model.model.layers[1].mlp.memory.keys) == 2
