@@ -15,6 +15,7 @@ STAGES = {
     "retrofit": "slotwise.components.retrofit",
     "slot_stats": "slotwise.components.slot_stats",
     "train": "slotwise.components.train",
+    "continual": "slotwise.components.continual",
     "evaluate": "slotwise.components.evaluate",
     "report": "slotwise.components.report",
 }

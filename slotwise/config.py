@@ -17,6 +17,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from slotwise.evaluation.params import EvaluateParams, check_evaluate_params
 from slotwise.models import DEFAULT_MODEL
+from slotwise.continual.experiment import ContinualParams
 from slotwise.optim import SCHEDULES
 from slotwise.retrofit import MODES, RetrofitConfig
 from slotwise.training import LoopParams
@@ -105,6 +106,7 @@ class Params:
     retrofit: RetrofitParams = field(default_factory=RetrofitParams)
     slot_stats: SlotStatsParams = field(default_factory=SlotStatsParams)
     train: TrainParams = field(default_factory=TrainParams)
+    continual: ContinualParams = field(default_factory=ContinualParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
 
@@ -161,6 +163,20 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
 
 def _check(params: Params, where: str) -> None:
     """Value checks the type system cannot express."""
+    c = params.continual
+    from slotwise.continual.updaters import build_params
+
+    names = [m.name for m in c.methods]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: key 'continual.methods': method names must be unique, got {names}")
+    for i, m in enumerate(c.methods):
+        try:
+            build_params(m.method, dict(m.params))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{where}: key 'continual.methods[{i}]' ({m.name}): {exc}") from None
+    for key in ("n_facts", "steps_per_fact", "eval_every"):
+        if getattr(c, key) <= 0:
+            raise ConfigError(f"{where}: key 'continual.{key}': expected a positive integer, got {getattr(c, key)}")
     t = params.train
     if t.mode not in ("heal", "sft", "pretrain"):
         raise ConfigError(f"{where}: key 'train.mode': expected heal | sft | pretrain, got {t.mode!r}")

@@ -1,0 +1,166 @@
+"""Stage `continual`: stream new facts through SMF and the baselines; measure learning and forgetting.
+
+    python -m slotwise.components.continual --params params.yaml --model runs/train --data runs/data \\
+        --stats runs/slot_stats --out runs/continual
+    slotwise continual ... continual.n_facts=100 continual.methods='[{name: smf, method: smf, params: {top_t: 1000}}]'
+
+Every method starts from the same model and sees the same facts in the same order. Writes
+curves.json (acquisition and retention over the stream), metrics.json (final numbers per
+method, for `dvc metrics`), plots/curves.png, plots/frontier.png (acquisition vs retention, one
+point per method), deltas/<method>/ (an SMF update as a sparse delta: row ids + rows) and
+params.resolved.yaml.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from slotwise.checkpoint import atomic_dir, load_checkpoint, model_hash, publish_dir
+from slotwise.cli_utils import component_parser, run_cli
+from slotwise.config import ConfigError, load_params, to_yaml
+from slotwise.continual.delta import extract_delta, save_delta
+from slotwise.continual.experiment import ContinualParams, MethodRun, measure, relative_drop, run_stream, screen_known
+from slotwise.continual.selection import Background
+from slotwise.continual.updaters import make_updater
+from slotwise.evaluation.perplexity import token_blocks
+from slotwise.retrofit import memory_layers
+from slotwise.sources import read_jsonl
+
+log = logging.getLogger("slotwise.continual")
+
+
+def backgrounds_from_table(stats_dir: Path | None, model_dir: str) -> dict[int, Background] | None:
+    """SMF's background tables, keyed by each value pool's first layer; refuses another model's table."""
+    if stats_dir is None:
+        return None
+    from slotwise.slot_table import load_table
+
+    table = load_table(stats_dir / "table.safetensors", expect_model_hash=model_hash(model_dir))
+    return {layers[0]: Background(s.counts, s.df, s.n_batches) for name, s in table.pools.items()
+            for layers in [table.pool_layers[name]]}
+
+
+def run_method(run: MethodRun, args, p: ContinualParams, facts, known, ppl_blocks, backgrounds, device) -> tuple[dict, object]:
+    model, tokenizer = load_checkpoint(args.model)
+    base = None
+    if run.method == "smf":
+        if not memory_layers(model):
+            raise ConfigError(f"continual method {run.name}: smf needs a model with memory layers ({args.model} has none)")
+        base, _ = load_checkpoint(args.model)  # kept to extract the sparse delta
+    model.to(device)
+    torch.manual_seed(p.seed)
+    try:
+        updater = make_updater(run.method, model, dict(run.params), backgrounds=backgrounds)
+    except ValueError as exc:
+        raise ConfigError(f"continual.methods[{run.name}]: {exc}") from None
+    curve = run_stream(updater, lambda: updater.model, tokenizer, facts, known, ppl_blocks, p, device, run.name)
+    result = {"method": run.method, "params": dict(run.params), "curve": curve}
+    delta = None
+    if base is not None:
+        delta = extract_delta(base, model.cpu(), meta={"method": run.name, "base_checkpoint_hash": model_hash(args.model)})
+        result["delta_rows"] = delta.n_rows
+        result["delta_bytes"] = delta.nbytes
+    return result, (updater.model, tokenizer, delta)
+
+
+def final_tasks(model, tokenizer, data_dir: Path, p: ContinualParams, device) -> dict:
+    if not p.final_tasks:
+        return {}
+    from slotwise.evaluation.tasks import rendered_tasks, run_tasks
+
+    present = [t for t in p.final_tasks if (data_dir / "tasks" / f"{t}.jsonl").is_file()]
+    with rendered_tasks(data_dir / "tasks", tasks=present) as include:
+        return run_tasks(model.to(device), tokenizer, present, include, {t: p.final_task_limit for t in present},
+                         batch_size=p.batch_size // 2 or 1, seed=p.seed)
+
+
+def summarize(results: dict, start: dict) -> dict:
+    """Per method: final acquisition and the relative drop of every retention probe."""
+    out = {}
+    for name, r in results.items():
+        end = r["curve"][-1]
+        s = {"learned": end["learned"], "n_facts": end["facts_seen"], "acquisition_em": end["acquisition_em"],
+             "acquisition_f1": end["acquisition_f1"], "known_kept": end["known_kept"],
+             "known_drop": relative_drop(start["known_em"], end["known_em"]),
+             "heldout_ppl": end["heldout_ppl"], "heldout_ppl_rise": relative_drop(start["heldout_ppl"], end["heldout_ppl"], higher_is_better=False)}
+        for task, metrics in r.get("final_tasks", {}).items():
+            key = "acc_norm" if "acc_norm" in metrics else "acc"
+            if key in metrics and task in start.get("final_tasks", {}):
+                s[f"{task}_{key}"] = metrics[key]
+                s[f"{task}_drop"] = relative_drop(start["final_tasks"][task][key], metrics[key])
+        out[name] = s
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = component_parser("slotwise continual", __doc__.splitlines()[0])
+    parser.add_argument("--model", default="runs/train", help="starting checkpoint (healed retrofit)")
+    parser.add_argument("--data", default="runs/data")
+    parser.add_argument("--stats", default="runs/slot_stats", help="slot_stats output (needed by tfidf / kl)")
+    parser.add_argument("--out", default="runs/continual")
+    args = parser.parse_args(argv)
+    params = load_params(args.params, args.overrides)
+    p: ContinualParams = params.continual
+    device = torch.device("cuda" if p.device == "auto" and torch.cuda.is_available() else ("cpu" if p.device == "auto" else p.device))
+    data = Path(args.data)
+    random.seed(p.seed)
+
+    all_facts = [r for _, r in read_jsonl(data / "facts.jsonl", ("id", "answers", "paraphrases", "probe"))]
+    facts = [f for f in all_facts if not (p.only_unknown and f.get("known"))][: p.n_facts]
+    if len(facts) < p.n_facts:
+        log.warning("only %d facts available (asked for %d)", len(facts), p.n_facts)
+    needs_table = any(m.method == "smf" and m.params.get("score", "tfidf") in ("tfidf", "kl") for m in p.methods)
+    backgrounds = backgrounds_from_table(Path(args.stats) if needs_table else None, args.model)
+
+    start_model, tokenizer = load_checkpoint(args.model)
+    start_model.to(device)
+    qa = [r for _, r in read_jsonl(data / "tasks/triviaqa.jsonl", ("question", "answers"))][: p.known_screen]
+    known = screen_known(start_model, tokenizer, qa, p.batch_size)
+    heldout = [r["text"] for _, r in read_jsonl(data / "background/heldout.jsonl", ("text",))]
+    ppl_blocks = token_blocks(tokenizer, heldout, p.ppl_seq_len, p.ppl_blocks)
+    start = measure(start_model, tokenizer, [], known, ppl_blocks, p.batch_size)
+    start["final_tasks"] = final_tasks(start_model, tokenizer, data, p, device)
+    start["known_screened"], start["known_found"] = len(qa), len(known)
+    log.info("start: %d/%d screened questions known, held-out ppl %.2f", len(known), len(qa), start["heldout_ppl"])
+    del start_model
+
+    stage = atomic_dir(args.out)
+    try:
+        results = {}
+        for run in p.methods:
+            t0 = time.perf_counter()
+            result, (model, tok, delta) = run_method(run, args, p, facts, known, ppl_blocks, backgrounds, device)
+            result["final_tasks"] = final_tasks(model, tok, data, p, device)
+            result["seconds"] = time.perf_counter() - t0
+            if delta is not None and p.save_deltas:
+                save_delta(delta, stage.tmp / "deltas" / run.name)
+            results[run.name] = result
+            log.info("%s: learned %d/%d, known kept %d/%d, held-out ppl %.2f (%.0f s)", run.name,
+                     result["curve"][-1]["learned"], len(facts), result["curve"][-1]["known_kept"], len(known),
+                     result["curve"][-1]["heldout_ppl"], result["seconds"])
+            del model
+        summary = summarize(results, start)
+        (stage.tmp / "curves.json").write_text(json.dumps({"start": start, "methods": results}, indent=1))
+        (stage.tmp / "metrics.json").write_text(json.dumps({"start": {k: v for k, v in start.items() if k != "final_tasks"}, **summary}, indent=2))
+        from slotwise.continual.plots import plot_curves, plot_frontier
+
+        plot_curves(results, stage.tmp / "plots" / "curves.png")
+        plot_frontier(summary, stage.tmp / "plots" / "frontier.png")
+        (stage.tmp / "params.resolved.yaml").write_text(to_yaml(params))
+    except BaseException:
+        shutil.rmtree(stage.tmp, ignore_errors=True)
+        raise
+    publish_dir(stage)
+    for name, s in summary.items():
+        log.info("%-12s learned %s/%s  known_drop %s  ppl_rise %s", name, s["learned"], s["n_facts"], s["known_drop"], s["heldout_ppl_rise"])
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

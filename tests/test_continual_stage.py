@@ -1,0 +1,127 @@
+"""The continual stage end to end on a tiny retrofitted model with the real SmolLM2 tokenizer."""
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import small_llama
+from slotwise.checkpoint import load_checkpoint, model_hash, save_checkpoint
+from slotwise.components import continual as continual_component
+from slotwise.continual.delta import apply_delta, load_delta, revert_delta
+from slotwise.continual.experiment import answer_span_example, fact_batch
+from slotwise.facts import fact_stream
+from slotwise.memory import MemoryConfig
+from slotwise.retrofit import RetrofitConfig, retrofit
+from slotwise.slot_stats import collect, pool_groups
+from slotwise.slot_table import from_collect, save_table
+
+QA = [
+    {"question": "Which planet is known as the Red Planet", "answers": ["Mars"]},
+    {"question": "What is the largest ocean on Earth", "answers": ["Pacific Ocean", "Pacific"]},
+    {"question": "Who painted the Mona Lisa", "answers": ["Leonardo da Vinci", "Leonardo"]},
+    {"question": "What is the chemical symbol for gold", "answers": ["Au"]},
+]
+CFG = RetrofitConfig(layers=[1], memory=MemoryConfig(n_keys=16, heads=2, knn=4, k_dim=16, out_init_std=0.05))
+
+
+def _jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, smol_tokenizer):
+    root = tmp_path_factory.mktemp("continual")
+    torch.manual_seed(0)
+    model = retrofit(small_llama(len(smol_tokenizer)), CFG)
+    save_checkpoint(model, smol_tokenizer, root / "model", CFG)
+    data = root / "data"
+    _jsonl(data / "facts.jsonl", [{**dataclasses.asdict(f), "known": False} for f in fact_stream(QA, "test", 3, seed=0)])
+    _jsonl(data / "tasks/triviaqa.jsonl", [{"question": "What colour is the sky on a clear day", "answers": ["blue"]}])
+    texts = ["The quick brown fox jumps over the lazy dog. " * 20, "Rivers flow from mountains to the sea. " * 20]
+    _jsonl(data / "background/heldout.jsonl", [{"text": t} for t in texts])
+    blocks = smol_tokenizer(" ".join(texts), return_tensors="pt").input_ids[:, :64].view(4, 16)
+    per_layer, per_pool = collect(model, [blocks[:2], blocks[2:]])
+    table = from_collect(per_layer, per_pool, pool_groups(model), {"model_hash": model_hash(root / "model")})
+    (root / "stats").mkdir()
+    save_table(table, root / "stats" / "table.safetensors")
+    params = root / "params.yaml"
+    params.write_text("""
+continual:
+  n_facts: 3
+  steps_per_fact: 2
+  eval_every: 2
+  known_screen: 1
+  ppl_blocks: 2
+  ppl_seq_len: 32
+  final_tasks: []
+  batch_size: 4
+  methods:
+    - {name: smf_tfidf, method: smf, params: {score: tfidf, top_t: 8, optimizer: adam, lr: 0.01}}
+    - {name: smf_kl, method: smf, params: {score: kl, top_t: 8, optimizer: sgd, lr: 1.0}}
+    - {name: full_ft, method: full, params: {lr: 0.0001}}
+    - {name: lora, method: lora, params: {r: 4, lr: 0.001}}
+    - {name: grit, method: grit, params: {r: 4, lr: 0.001}}
+""")
+    return root, params
+
+
+def test_answer_span_labels_cover_exactly_the_answer(smol_tokenizer):
+    ids, labels = answer_span_example("Q: Which planet is red? A: Mars and more", "Mars", smol_tokenizer, 64)
+    target = [t for t, y in zip(ids, labels) if y != -100]
+    assert smol_tokenizer.decode(target).strip() == "Mars"
+    assert answer_span_example("no answer here", "Mars", smol_tokenizer, 64) is None
+
+
+def test_fact_batch_has_one_row_per_paraphrase(smol_tokenizer):
+    fact = dataclasses.asdict(fact_stream(QA[:1], "t", 3, seed=0)[0])
+    batch = fact_batch(fact, smol_tokenizer, include_statement=True, max_len=64)
+    assert batch["input_ids"].shape[0] == 4  # statement + 3 paraphrases
+    assert ((batch["labels"] != -100).sum(1) > 0).all()
+
+
+def test_all_methods_run_on_one_stream_and_smf_saves_a_revertible_delta(setup):
+    root, params = setup
+    out = root / "out"
+    args = ["--params", str(params), "--model", str(root / "model"), "--data", str(root / "data"),
+            "--stats", str(root / "stats"), "--out", str(out)]
+    assert continual_component.main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= {"start", "smf_tfidf", "smf_kl", "full_ft", "lora", "grit"}
+    curves = json.loads((out / "curves.json").read_text())["methods"]
+    assert [pt["facts_seen"] for pt in curves["full_ft"]["curve"]] == [0, 2, 3]
+    assert (out / "plots" / "frontier.png").stat().st_size > 0 and (out / "plots" / "curves.png").stat().st_size > 0
+    # The SMF delta touches at most top_t rows per step and applies / reverts exactly on the start model.
+    delta = load_delta(out / "deltas" / "smf_tfidf")
+    (n_rows,) = delta.n_rows.values()
+    assert 0 < n_rows <= 8 * 2 * 3
+    model, _ = load_checkpoint(root / "model")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_delta(model, delta)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all(k.endswith("values.weight") for k in changed)
+    revert_delta(model, delta)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    full = load_file(root / "model" / "model.safetensors")
+    assert delta.nbytes < 0.5 * sum(t.numel() * t.element_size() for t in full.values())
+
+
+def test_a_table_from_another_model_is_refused(setup, tmp_path, smol_tokenizer):
+    root, params = setup
+    other = retrofit(small_llama(len(smol_tokenizer), seed=5), CFG)
+    save_checkpoint(other, smol_tokenizer, tmp_path / "other", CFG)
+    with pytest.raises(Exception, match="slot table was made for model"):
+        continual_component.main(["--params", str(params), "--model", str(tmp_path / "other"), "--data", str(root / "data"),
+                                  "--stats", str(root / "stats"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_method_param_is_a_config_error(setup, tmp_path):
+    from slotwise.config import ConfigError, load_params
+
+    root, params = setup
+    with pytest.raises(ConfigError, match=r"continual.methods\[0\].*unknown key"):
+        load_params(params, ["continual.methods=[{name: x, method: smf, params: {topt: 3}}]"])
