@@ -1,6 +1,6 @@
 """What counting slot accesses costs: plain forward vs forward + slot statistics, same batches.
 
-    python -m slotwise.bench_slot_stats [--json out.json] [--model runs/retrofit] [--batches 8]
+    python -m slotwise.bench_slot_stats [--json out.json] [--model runs/retrofit] [--batches 8] [--threads 1]
 
 Times, in one process and over the same batches, (a) `model(batch)` under no_grad and (b)
 slot_stats.collect (record_lookups + slot_histogram + accumulation into the tables), alternating
@@ -79,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shared", action="store_true", help="tiny model: one value pool shared by both memory layers")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 gives steadier numbers on a shared machine)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.model:
         from slotwise.checkpoint import load_checkpoint
