@@ -68,3 +68,9 @@ def test_cli_override_typo_exits_2(tmp_path):
     res = _cli("--out", str(tmp_path / "out"), "retrofit.insert.memory.nkeys=3", cwd=tmp_path)
     assert res.returncode == 2
     assert "unknown key 'retrofit.insert.memory.nkeys'" in res.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "profiles").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_params_profile_is_valid(path):
+    params = load_params(path)
+    assert params.retrofit.insert.memory.n_keys > 0
