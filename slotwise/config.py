@@ -101,6 +101,42 @@ class TrainParams:
 
 
 @dataclass
+class NightlySMFParams:
+    """The nightly update's SMF (slotwise.continual.smf.SMFConfig fields + steps per fact)."""
+    score: str = "tfidf"  # tfidf | kl | tf | random
+    top_t: int = 500
+    lr: float = 2e-3
+    optimizer: str = "adam"  # adam | sgd
+    count_on: str = "answer"  # answer | all
+    max_df_fraction: float | None = None
+    steps_per_fact: int = 3
+
+
+@dataclass
+class NightlyEvalParams:
+    """The gate's quick retention evaluation (candidate vs the served model)."""
+    known_screen: int = 150  # data/tasks/triviaqa.jsonl questions screened for what the served model knows
+    ppl_blocks: int = 8  # held-out perplexity blocks (data/background/heldout.jsonl)
+    ppl_seq_len: int = 128
+    tasks: list[str] = field(default_factory=list)  # optional lm-eval tasks, e.g. [hellaswag, arc_easy, piqa]
+    task_limit: int = 40
+    batch_size: int = 8
+
+
+@dataclass
+class NightlyParams:
+    """Nightly knowledge update (components/update.py, components/gate.py, flows/nightly.py)."""
+    smf: NightlySMFParams = field(default_factory=NightlySMFParams)
+    include_statement: bool = True
+    max_len: int = 96  # tokens per paraphrase
+    max_facts: int | None = None  # facts per run (None: every new one)
+    max_retention_drop: float = 0.05  # gate: reject if any retention metric drops more than this (relative)
+    eval: NightlyEvalParams = field(default_factory=NightlyEvalParams)
+    device: str = "auto"
+    seed: int = 0
+
+
+@dataclass
 class Params:
     data: DataParams = field(default_factory=DataParams)
     retrofit: RetrofitParams = field(default_factory=RetrofitParams)
@@ -108,6 +144,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     continual: ContinualParams = field(default_factory=ContinualParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    nightly: NightlyParams = field(default_factory=NightlyParams)
 
 
 def _known_keys(cfg: DictConfig, full_key: str) -> list[str]:
@@ -228,6 +265,30 @@ def _check(params: Params, where: str) -> None:
     if s.dtype not in DTYPES:
         raise ConfigError(f"{where}: key 'slot_stats.dtype': expected one of {DTYPES}, got {s.dtype!r}")
     check_evaluate_params(params.evaluate, where)
+    _check_nightly(params.nightly, where)
+
+
+def _check_nightly(n: NightlyParams, where: str) -> None:
+    from slotwise.continual.updaters import build_params
+
+    smf = {k: getattr(n.smf, k) for k in ("score", "top_t", "lr", "optimizer", "count_on", "max_df_fraction")}
+    try:
+        build_params("smf", smf)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: key 'nightly.smf': {exc}") from None
+    for key, value in (("smf.steps_per_fact", n.smf.steps_per_fact), ("max_len", n.max_len), ("eval.ppl_seq_len", n.eval.ppl_seq_len),
+                       ("eval.batch_size", n.eval.batch_size), ("eval.task_limit", n.eval.task_limit)):
+        if value <= 0:
+            raise ConfigError(f"{where}: key 'nightly.{key}': expected a positive integer, got {value}")
+    if n.max_facts is not None and n.max_facts <= 0:
+        raise ConfigError(f"{where}: key 'nightly.max_facts': expected a positive integer or null, got {n.max_facts}")
+    if not n.max_retention_drop >= 0:
+        raise ConfigError(f"{where}: key 'nightly.max_retention_drop': expected a fraction >= 0, got {n.max_retention_drop}")
+    if n.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"{where}: key 'nightly.device': expected auto | cpu | cuda, got {n.device!r}")
+    for task in n.eval.tasks:
+        if task not in TASKS:
+            raise ConfigError(f"{where}: key 'nightly.eval.tasks': unknown task {task!r} (known: {', '.join(TASKS)})")
 
 
 def to_yaml(params: Any) -> str:
