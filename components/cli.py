@@ -18,6 +18,8 @@ STAGES = {
     "continual": "slotwise.components.continual",
     "evaluate": "slotwise.components.evaluate",
     "report": "slotwise.components.report",
+    "update": "slotwise.components.update",
+    "gate": "slotwise.components.gate",
 }
 
 
