@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from slotwise.checkpoint import MANIFEST, RETROFIT_FILE, CheckpointError, atomic_dir, load_checkpoint, model_hash, publish_dir
-from slotwise.cli_utils import component_parser, run_cli
+from slotwise.cli_utils import component_parser, resolve_device, run_cli
 from slotwise.config import ConfigError, load_params, write_resolved
 from slotwise.evaluation.facts import fact_acquisition, read_jsonl
 from slotwise.evaluation.memory_switch import memory_disabled, memory_mode
@@ -57,12 +57,6 @@ def check_data(p: EvaluateParams, data_dir: Path) -> None:
             raise FileNotFoundError(f"{path}: data file not found (expected the data stage's output under {data_dir})")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("key 'evaluate.device': cuda requested but no CUDA device is available")
-    return torch.device(name)
 
 
 def load_model(source: str, dtype: torch.dtype, device: torch.device):
@@ -132,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p: EvaluateParams = params.evaluate
     data_dir = Path(args.data)
     check_data(p, data_dir)  # before the (slow) model load
-    device = resolve_device(p.device)
+    device = resolve_device(p.device, "evaluate.device")
     torch.manual_seed(p.seed)
 
     t0 = time.perf_counter()

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from slotwise.checkpoint import CheckpointError, atomic_dir, load_checkpoint, model_hash, publish_dir, sha256_file
-from slotwise.cli_utils import component_parser, run_cli
+from slotwise.cli_utils import component_parser, resolve_device, run_cli
 from slotwise.config import ConfigError, SlotStatsParams, load_params, to_yaml
 from slotwise.retrofit import memory_layers
 from slotwise.slot_stats import LayerStats, collect, pool_groups, summarize
@@ -42,12 +42,6 @@ log = logging.getLogger("slotwise.slot_stats")
 STATS = Path("background") / "stats.jsonl"
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("key 'slot_stats.device': cuda requested but no CUDA device is available")
-    return torch.device(name)
 
 
 def stats_batches(path: Path, tokenizer, p: SlotStatsParams) -> list[torch.Tensor]:
@@ -162,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     data_file = Path(args.data) / STATS
     if not data_file.is_file():
         raise FileNotFoundError(f"{data_file}: data file not found (expected the data stage's output under {args.data})")
-    device = resolve_device(p.device)
+    device = resolve_device(p.device, "slot_stats.device")
     model, tokenizer = load_checkpoint(args.model, dtype=getattr(torch, p.dtype), device=device)
     if not memory_layers(model):
         raise CheckpointError(f"{args.model}: the model has no memory layers: nothing to count (retrofit it first)")

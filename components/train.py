@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from slotwise.checkpoint import load_checkpoint, read_retrofit_config, save_checkpoint
-from slotwise.cli_utils import component_parser, run_cli
+from slotwise.cli_utils import component_parser, resolve_device, run_cli
 from slotwise.config import ConfigError, Params, load_params, to_yaml
 from slotwise.diagnostics import memory_report, perplexity
 from slotwise.memory import MemoryConfig
@@ -35,12 +35,6 @@ from slotwise.training import train
 log = logging.getLogger("slotwise.train")
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 def memory_flops_per_token(d: int, m: MemoryConfig) -> int:
@@ -110,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params, args.overrides)
     t = params.train
     state = Path(args.state or f"{args.out}_state")
-    device = pick_device(t.device)
+    device = resolve_device(t.device, "train.device")
     data = Path(args.data)
 
     model, tokenizer, cfg = load_for_training(params, args.model)

@@ -11,20 +11,15 @@ import math
 
 import torch
 
+from slotwise.evaluation.perplexity import blocks_nll
 from slotwise.retrofit import MemoryMLP, decoder_layers, memory_disabled
 from slotwise.slot_stats import collect, summarize
 
 
-@torch.no_grad()
 def perplexity(model, batches: list[torch.Tensor]) -> float:
     """exp(mean next-token NLL) over (B, S) token blocks."""
-    total, n = 0.0, 0
-    for b in batches:
-        out = model(input_ids=b, labels=b)
-        tokens = b[:, 1:].numel()
-        total += out.loss.item() * tokens
-        n += tokens
-    return math.exp(total / n)
+    total, count = blocks_nll(model, torch.cat(batches), batch_size=len(batches[0]))
+    return math.exp(total / count)
 
 
 @torch.no_grad()

@@ -49,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path, PurePosixPath
 
+from slotwise.checkpoint import sha256_file
+
 log = logging.getLogger(__name__)
 
 SCHEME = "s3://"
@@ -96,12 +98,6 @@ def _join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p.strip("/"))
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

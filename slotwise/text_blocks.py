@@ -20,17 +20,14 @@ def read_texts(path: str | Path, limit: int | None = None) -> list[str]:
     return texts[:limit] if limit is not None else texts
 
 
-def pack_blocks(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
-    """(n_blocks, seq_len) int64 token ids."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids.extend(enc)
-        ids.append(eos)
-    n = len(ids) // seq_len
-    if n == 0:
-        raise ValueError(f"{len(ids)} tokens are fewer than one block of seq_len={seq_len}")
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+def pack_blocks(texts: list[str], tokenizer, seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
+    """(n_blocks, seq_len) int64 token ids; refuses text shorter than one block."""
+    from slotwise.evaluation.perplexity import token_blocks
+
+    blocks = token_blocks(tokenizer, texts, seq_len, max_blocks)
+    if len(blocks) == 0:
+        raise ValueError(f"the text is shorter than one block of seq_len={seq_len} tokens")
+    return blocks
 
 
 class BlockSchedule:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from conftest import small_llama
 
 from slotwise.checkpoint import save_checkpoint
 from slotwise.cli_utils import run_cli
@@ -35,18 +34,11 @@ MEMORY = MemoryConfig(n_keys=8, heads=2, knn=4, k_dim=16, out_init_std=0.05)
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from slotwise.models import resolve_source
-
-    path, kwargs = resolve_source("embedded:smollm2-135m-instruct")
-    return AutoTokenizer.from_pretrained(path, **kwargs)
+def tokenizer(smol_tokenizer):
+    return smol_tokenizer
 
 
-def small_lm(vocab_size: int, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512, tie_word_embeddings=True)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+small_lm = small_llama
 
 
 def small_retrofit(vocab_size: int, mode: str = "additive"):

@@ -5,7 +5,6 @@ real tokenizer, read from the embedded GGUF once per module)."""
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from pathlib import Path
 
