@@ -193,7 +193,7 @@ def smoke_check() -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", default="kernels_bench.json", help="where to write the results")
+    p.add_argument("--json", default="bench_out/kernels_bench.json", help="where to write the results")
     p.add_argument("--quick", action="store_true", help="one case, fewer repetitions (CPU: interpreted smoke check)")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {list(CASES)}")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -225,6 +225,7 @@ def main(argv=None) -> int:
 
 
 def _write(path, payload):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
     print(f"wrote {path}")
