@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -52,7 +53,12 @@ def decide(current: dict, candidate: dict, max_drop: float) -> tuple[bool, dict,
     for key, before in current.items():
         if key in INFORMATIONAL:
             continue
-        drop = relative_drop(before, candidate.get(key), higher_is_better=key not in LOWER_IS_BETTER)
+        after = candidate.get(key)
+        if before is not None and (after is None or not math.isfinite(after)):
+            drops[key] = None
+            reasons.append(f"{key} is {after} for the candidate ({before:.4g} for the served model): not measurable, a broken model")
+            continue
+        drop = relative_drop(before, after, higher_is_better=key not in LOWER_IS_BETTER)
         drops[key] = drop
         if drop is not None and drop > max_drop:
             reasons.append(f"{key} dropped {drop:.1%} ({before:.4g} -> {candidate[key]:.4g}; at most {max_drop:.1%} allowed)")

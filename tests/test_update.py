@@ -44,12 +44,18 @@ nightly:
   device: cpu
   eval: {known_screen: 2, ppl_blocks: 2, ppl_seq_len: 32, tasks: [], batch_size: 4}
 """
-# Every slot (tf, top_t = all 256) by SGD at this rate: the value rows the held-out text reads are
-# wrecked and its perplexity rises (~3%: the tiny random model's logits are nearly uniform whatever
-# its hidden state) past a 1% threshold. TF-IDF instead picks rows the background text never
-# reads and leaves its perplexity exactly as it was.
-BREAK = ["nightly.smf.score=tf", "nightly.smf.top_t=256", "nightly.smf.optimizer=sgd", "nightly.smf.lr=100000.0",
-         "nightly.max_retention_drop=0.01"]
+# A destructive update: facts written in the held-out text's own words (so they read the same
+# slots), every slot they read trained (tf, count_on all, top_t = all 256) by SGD at a rate that
+# swamps the residual stream: the held-out perplexity the world's model was fitted to (make_world)
+# rises many-fold. TF-IDF on ordinary facts instead picks rows the held-out text never reads.
+BREAK = ["nightly.smf.score=tf", "nightly.smf.count_on=all", "nightly.smf.top_t=256", "nightly.smf.optimizer=sgd",
+         "nightly.smf.lr=100000.0", "nightly.max_retention_drop=0.05"]
+HELDOUT = ["The quick brown fox jumps over the lazy dog. " * 20, "Rivers flow from mountains to the sea. " * 20]
+
+
+def poison_facts() -> list[dict]:
+    return [{"id": f"poison-{i}", "answers": [answer], "statement": text[:200], "paraphrases": [text[:300], text[:150]],
+             "probe": f"Which word? {answer}\nAnswer:"} for i, (text, answer) in enumerate(zip(HELDOUT, ("fox", "sea")))]
 
 
 def jsonl(path: Path, rows) -> Path:
@@ -62,16 +68,28 @@ def facts(qa: list[dict], source: str) -> list[dict]:
     return [dataclasses.asdict(f) for f in fact_stream(qa, source, 3, seed=0)]
 
 
+def fit(model, blocks: torch.Tensor, steps: int = 30) -> None:
+    """A few Adam steps on the held-out text (a repetitive 64 tokens): its perplexity falls to a few."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(input_ids=blocks, labels=blocks).loss.backward()
+        opt.step()
+    model.eval()
+
+
 def make_world(root: Path, tokenizer, seed: int = 0) -> dict[str, Path]:
     """model/ (checkpoint), stats/ (its slot table), data/ (heldout text, triviaqa), drop/, params.yaml."""
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = retrofit(small_llama(len(tokenizer), seed=seed), CFG)
+    texts = HELDOUT
+    blocks = tokenizer(" ".join(texts), return_tensors="pt").input_ids[:, :64].view(4, 16)
+    fit(model, blocks)  # something to retain: a random model's perplexity cannot get worse
     save_checkpoint(model, tokenizer, root / "model", CFG)
-    texts = ["The quick brown fox jumps over the lazy dog. " * 20, "Rivers flow from mountains to the sea. " * 20]
     jsonl(root / "data/background/heldout.jsonl", [{"text": t} for t in texts])
     jsonl(root / "data/tasks/triviaqa.jsonl", [{"question": q["question"], "answers": q["answers"]} for q in QA])
-    blocks = tokenizer(" ".join(texts), return_tensors="pt").input_ids[:, :64].view(4, 16)
     per_layer, per_pool = collect(model, [blocks[:2], blocks[2:]])
     (root / "stats").mkdir()
     save_table(from_collect(per_layer, per_pool, pool_groups(model), {"model_hash": model_hash(root / "model")}),
@@ -215,7 +233,8 @@ def test_decide_uses_relative_drops_and_perplexity_rises():
 
 def test_gate_passes_a_gentle_update_and_fails_a_destructive_one(world, tmp_path):
     assert update_component.main(update_args(world, tmp_path / "good")) == 0
-    assert update_component.main(update_args(world, tmp_path / "bad", None, None, *BREAK)) == 0
+    poison = jsonl(tmp_path / "poison.jsonl", poison_facts())
+    assert update_component.main(update_args(world, tmp_path / "bad", poison, None, *BREAK)) == 0
     common = ["--params", str(world["params"]), "--model", str(world["model"]), "--data", str(world["data"]), "--facts", str(world["drop"])]
     assert gate_component.main(common + ["--candidate", str(tmp_path / "good"), "--out", str(tmp_path / "g1")]) == 0
     good = json.loads((tmp_path / "g1" / "gate.json").read_text())
@@ -224,3 +243,8 @@ def test_gate_passes_a_gentle_update_and_fails_a_destructive_one(world, tmp_path
     bad = json.loads((tmp_path / "g2" / "gate.json").read_text())
     assert not bad["passed"] and bad["reasons"][0].startswith("heldout_ppl dropped")
     assert bad["current"]["heldout_ppl"] == pytest.approx(good["current"]["heldout_ppl"])  # same served model, same probes
+
+
+def test_decide_fails_a_candidate_whose_metric_is_not_finite():
+    ok, _, reasons = gate_component.decide({"heldout_ppl": 5.0}, {"heldout_ppl": float("nan")}, 0.05)
+    assert not ok and "not measurable" in reasons[0]

@@ -1,0 +1,160 @@
+"""The serving directory of the nightly update: served delta, promotion registry, lock.
+
+    <serve>/registry.json            the promotion registry and the commit point (see below)
+    <serve>/deltas/<run_id>/         every promoted delta (each cumulative: base checkpoint -> served)
+    <serve>/current -> deltas/<id>   symlink to the served delta, repointed after the registry commits
+    <serve>/runs/<run_id>/           each run's candidate delta and gate.json (kept for the record)
+    <serve>/.lock                    flock'ed (non-blocking) for the whole nightly run
+
+registry.json: {"format": 1, "served": "deltas/<run_id>" | null, "entries": [entry, ...]}; one entry
+per run that consumed files: run_id, started_at, finished_at, decision (promoted | rejected |
+nothing to learn), reason, files [{uri, sha256}], metrics (gate.json), delta {path, sha256,
+new_hash, base_hash, rows}, served_before, served_after. "New" files are those no entry lists.
+
+Promotion order, so a crash anywhere leaves a consistent state: copy the candidate into
+deltas/<run_id> (atomic directory swap), then replace registry.json (write a temporary file,
+fsync, rename: the commit), then repoint `current` (atomic symlink replace). A run killed before
+the commit leaves the served delta and the registry as they were (an orphan under deltas/ is
+never read); killed after it, the next run repairs `current` from the registry.
+
+The serving directory must be a local or shared POSIX file system (flock); the drop location and
+the model may be on S3.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from slotwise import storage
+from slotwise.checkpoint import CheckpointError, sha256_file
+from slotwise.continual.delta import META, WEIGHTS
+
+REGISTRY = "registry.json"
+LOCK = ".lock"
+FORMAT = 1
+
+
+class RegistryError(CheckpointError):
+    """An unreadable or inconsistent serving directory (one line; the CLIs exit 2)."""
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@contextmanager
+def serving_lock(serve: str | Path) -> Iterator[str | None]:
+    """Hold <serve>/.lock exclusively. Yields None when held, else who holds it (the caller must not proceed)."""
+    serve = Path(serve)
+    serve.mkdir(parents=True, exist_ok=True)
+    with open(serve / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            yield f.read().strip() or "unknown holder"
+            return
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} since {now()}\n")
+            f.flush()
+            yield None
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def read_registry(serve: str | Path) -> dict:
+    path = Path(serve) / REGISTRY
+    if not path.is_file():
+        return {"format": FORMAT, "served": None, "entries": []}
+    try:
+        reg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); refusing to guess what is served") from None
+    if not isinstance(reg, dict) or reg.get("format") != FORMAT or not isinstance(reg.get("entries"), list):
+        raise RegistryError(f"{path}: not a slotwise promotion registry (format {FORMAT} with 'served' and 'entries')")
+    if reg.get("served") and not (Path(serve) / reg["served"] / META).is_file():
+        raise RegistryError(f"{path}: the served delta {reg['served']} is missing from {serve}")
+    return reg
+
+
+def write_registry(serve: str | Path, reg: dict) -> None:
+    """Replace registry.json atomically (temporary file, fsync, rename)."""
+    path = Path(serve) / REGISTRY
+    fd, tmp = tempfile.mkstemp(prefix=f".{REGISTRY}.tmp-", dir=serve)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(reg, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def served_delta(serve: str | Path) -> Path | None:
+    """The directory of the served delta, per the registry (None: the base checkpoint is served)."""
+    reg = read_registry(serve)
+    return Path(serve) / reg["served"] if reg["served"] else None
+
+
+def consumed(reg: dict) -> set[str]:
+    return {f["uri"] for e in reg["entries"] for f in e.get("files", [])}
+
+
+def _point_current(serve: Path, target: str | None) -> None:
+    link = serve / "current"
+    if target is None:
+        if link.is_symlink():
+            link.unlink()
+        return
+    if link.is_symlink() and os.readlink(link) == target:
+        return
+    tmp = serve / f".current.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def repair_current(serve: str | Path) -> Path | None:
+    """Make `current` point where the registry says (after a run killed between commit and repoint)."""
+    reg = read_registry(serve)
+    _point_current(Path(serve), reg["served"])
+    return served_delta(serve)
+
+
+def delta_record(delta_dir: Path, serve: Path) -> dict:
+    meta = json.loads((delta_dir / META).read_text())
+    return {"path": str(delta_dir.relative_to(serve)) if delta_dir.is_relative_to(serve) else str(delta_dir),
+            "sha256": sha256_file(delta_dir / WEIGHTS), "base_hash": meta["base_hash"], "new_hash": meta["new_hash"],
+            "rows": {k: v["n_rows"] for k, v in meta["pools"].items()}}
+
+
+def record(serve: str | Path, entry: dict, promote_from: str | Path | None = None) -> dict:
+    """Append an entry to the registry; with promote_from (a delta directory), serve that delta.
+
+    Call while holding serving_lock. Returns the entry as recorded.
+    """
+    serve = Path(serve)
+    reg = read_registry(serve)
+    entry = {**entry, "served_before": reg["served"], "finished_at": now()}
+    if promote_from is not None:
+        target = f"deltas/{entry['run_id']}"
+        storage.publish(promote_from, serve / target)  # local destination: an atomic directory copy
+        entry["delta"] = delta_record(serve / target, serve)
+        reg["served"] = target
+    entry["served_after"] = reg["served"]
+    reg["entries"].append(entry)
+    write_registry(serve, reg)  # the commit point
+    _point_current(serve, reg["served"])
+    return entry
