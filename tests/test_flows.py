@@ -207,3 +207,99 @@ def test_pipeline_does_not_retry_bad_params(monkeypatch, tmp_path):
     with pytest.raises(ConfigError):
         pipeline_mod.pipeline(params="p.yaml", runs=str(tmp_path / "runs"))
     assert calls == ["data"]
+
+
+# ---- deployment: a local Prefect server, the nightly flow served on a cron, one triggered run ----
+
+def test_prefect_yaml_deployments_point_at_the_flows():
+    import yaml
+    from prefect.flows import load_flow_from_entrypoint
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = yaml.safe_load((repo / "prefect.yaml").read_text())
+    names = {d["name"]: d for d in spec["deployments"]}
+    assert names["nightly"]["schedules"][0]["cron"] and names["nightly"]["concurrency_limit"] == 1
+    for d in spec["deployments"]:
+        assert d["work_pool"]["name"] == "slotwise-process"
+        f = load_flow_from_entrypoint(str(repo / d["entrypoint"]))
+        assert set(d["parameters"]) <= set(f.parameters.properties), d["name"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str, proc=None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: process exited {proc.returncode}: {log.read_text()[-3000:] if log else ''}")
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s; {log.read_text()[-3000:] if log else ''}")
+
+
+@pytest.mark.slow
+def test_served_deployment_runs_on_a_local_prefect_server(world, tmp_path):
+    """`prefect server start` + `python -m slotwise.flows.serve` (cron) + run_deployment -> Completed, promoted."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": url,
+           "PYTHONPATH": str(Path(__file__).parent)}
+    procs = []
+    try:
+        server_log = tmp_path / "server.log"
+        with open(server_log, "wb") as out:
+            procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                           "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+        _wait(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 90, "prefect server", procs[0], server_log)
+        serve_log = tmp_path / "serve.log"
+        with open(serve_log, "wb") as out:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "slotwise.flows.serve", "--name", "test", "--cron", "0 2 * * *",
+                 "--params", str(world["params"]), "--model", str(world["model"]), "--stats", str(world["stats"]),
+                 "--data", str(world["data"]), "--drop", str(world["drop"]), "--serve", str(world["serve"])],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        with temporary_settings({PREFECT_API_URL: url}):
+            from prefect.client.orchestration import get_client
+
+            def deployed():
+                with get_client(sync_client=True) as c:
+                    d = c.read_deployment_by_name("nightly-knowledge-update/test")
+                    return d if d.schedules else None
+
+            dep = _wait(deployed, 120, "deployment", procs[1], serve_log)
+            assert dep.schedules[0].schedule.cron == "0 2 * * *"
+            run = run_deployment("nightly-knowledge-update/test", timeout=240)
+            assert run.state.is_completed(), (run.state, serve_log.read_text()[-3000:])
+        reg = json.loads((world["serve"] / "registry.json").read_text())
+        assert [e["decision"] for e in reg["entries"]] == ["promoted"]
+    finally:
+        import signal
+
+        for p in reversed(procs):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
