@@ -32,8 +32,8 @@ import torch
 
 from slotwise import storage
 from slotwise.checkpoint import CheckpointError, atomic_dir, load_checkpoint, publish_dir
-from slotwise.cli_utils import component_parser, run_cli
-from slotwise.components.update import fact_files, read_facts, resolve_device, served_delta_dir
+from slotwise.cli_utils import component_parser, resolve_device, run_cli
+from slotwise.components.update import fact_files, read_facts, served_delta_dir
 from slotwise.config import NightlyParams, load_params, to_yaml
 from slotwise.continual.delta import DeltaError, apply_delta, load_delta, revert_delta
 from slotwise.continual.experiment import qa_score, relative_drop, screen_known
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     params = load_params(args.params, args.overrides)
     n: NightlyParams = params.nightly
-    device = resolve_device(n.device)
+    device = resolve_device(n.device, "nightly.device")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="slotwise-gate-") as tmp:
         model, tokenizer = load_checkpoint(storage.fetch(args.model, Path(tmp) / "model"))

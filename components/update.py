@@ -29,8 +29,8 @@ import torch
 
 from slotwise import storage
 from slotwise.checkpoint import CheckpointError, load_checkpoint, model_hash
-from slotwise.cli_utils import component_parser, run_cli
-from slotwise.config import ConfigError, NightlyParams, load_params
+from slotwise.cli_utils import component_parser, resolve_device, run_cli
+from slotwise.config import NightlyParams, load_params
 from slotwise.continual.delta import META, DeltaError, SparseDelta, apply_delta, extract_delta, load_delta, save_delta, stack
 from slotwise.continual.experiment import fact_batch
 from slotwise.continual.selection import Background
@@ -100,14 +100,6 @@ def smf_params(n: NightlyParams) -> dict:
             "max_df_fraction": s.max_df_fraction, "seed": n.seed}
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("key 'nightly.device': cuda requested but no CUDA device is available")
-    return torch.device(name)
-
-
 def load_served(model_dir: Path, deltas: str | None):
     """Base checkpoint + the served delta applied -> (model, tokenizer, served delta or None)."""
     model, tokenizer = load_checkpoint(model_dir)  # verifies every file against manifest.json
@@ -175,7 +167,7 @@ def run(args) -> int:
             return 0
         model_dir = storage.fetch(args.model, Path(tmp) / "model")
         stats_dir = storage.fetch(args.stats, Path(tmp) / "stats")
-        device = resolve_device(n.device)
+        device = resolve_device(n.device, "nightly.device")
         model, tokenizer, served = load_served(model_dir, args.deltas)
         bgs = backgrounds(stats_dir, model_dir) if n.smf.score in ("tfidf", "kl") or n.smf.max_df_fraction is not None else None
         log.info("updating %s%s on %d facts from %d file(s) (SMF %s, top_t %d, %s lr %g, %d steps per fact)", args.model,
