@@ -361,3 +361,14 @@ def test_cli_refuses_bad_input_with_one_line(tmp_path, data_dir, capsys, overrid
     import re
     assert re.search(match, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_closed_book_qa_prompts_use_the_fact_probe_examples():
+    """nq_open / triviaqa ask two-shot with exactly the examples the fact probes use."""
+    from slotwise.facts import FEW_SHOT, PROBE
+
+    for task in ("nq_open", "triviaqa"):
+        text = (TEMPLATES / f"{task}.yaml").read_text()
+        line = next(x for x in text.splitlines() if x.startswith("doc_to_text:"))
+        rendered = line.split(":", 1)[1].strip().strip('"').encode().decode("unicode_escape")
+        assert rendered == PROBE.format(q="{{question}}")[: len(rendered)] == FEW_SHOT + "Question: {{question}}\nAnswer:"
