@@ -1,6 +1,7 @@
 # The two commands a newcomer needs (each sets up .venv from nothing on first use):
 #   make repro   run the pipeline (dvc repro) on the embedded default model and data
-#   make test    run the test suite (fast tests; `make test-slow` adds the real-model tests)
+#   make test    run the test suite (fast tests; `make test-slow`: real model, Prefect server,
+#                fresh-venv install; `make test-s3`: SeaweedFS on loopback; `make test-gpu`: CUDA)
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow test-all repro clean
+.PHONY: setup test test-slow test-s3 test-gpu test-all repro clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -19,6 +20,12 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -m slow
+
+test-s3: setup
+	$(PY) -m pytest -m s3
+
+test-gpu: setup
+	TRITON_INTERPRET=0 $(PY) -m pytest -m gpu tests/gpu
 
 test-all: setup
 	$(PY) -m pytest -m "not gpu and not s3"
