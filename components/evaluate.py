@@ -17,6 +17,7 @@ Writes, atomically, into --out:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -49,6 +50,16 @@ def required_files(p: EvaluateParams, data_dir: Path) -> list[Path]:
     if p.facts.enabled:
         files.append(data_dir / FACTS)
     return files
+
+
+def drop_skipped_tasks(p: EvaluateParams, data_dir: Path) -> EvaluateParams:
+    """Tasks the data stage could not source (listed under "skipped" in its manifest) are left out
+    with a warning: e.g. LAMBADA and GSM8K come only from data.local_dir."""
+    manifest = data_dir / "manifest.json"
+    skipped = json.loads(manifest.read_text()).get("skipped", {}) if manifest.is_file() else {}
+    for task in [t for t in p.tasks if t in skipped]:
+        log.warning("skipping task %s: the data stage had no source for it (%s)", task, skipped[task])
+    return dataclasses.replace(p, tasks=[t for t in p.tasks if t not in skipped])
 
 
 def check_data(p: EvaluateParams, data_dir: Path) -> None:
@@ -125,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params, args.overrides)
     p: EvaluateParams = params.evaluate
     data_dir = Path(args.data)
+    p = drop_skipped_tasks(p, data_dir)
     check_data(p, data_dir)  # before the (slow) model load
     device = resolve_device(p.device, "evaluate.device")
     torch.manual_seed(p.seed)

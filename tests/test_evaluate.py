@@ -17,7 +17,7 @@ from slotwise.checkpoint import save_checkpoint
 from slotwise.cli_utils import run_cli
 from slotwise.evaluation.facts import fact_acquisition, score_answers
 from slotwise.evaluation.memory_switch import memory_disabled, memory_mode
-from slotwise.evaluation.params import TASKS
+from slotwise.evaluation.params import TASKS, EvaluateParams
 from slotwise.evaluation.perplexity import heldout_perplexity
 from slotwise.evaluation.tasks import TEMPLATES, rendered_tasks, run_tasks
 from slotwise.generation import greedy_answers
@@ -372,3 +372,10 @@ def test_closed_book_qa_prompts_use_the_fact_probe_examples():
         line = next(x for x in text.splitlines() if x.startswith("doc_to_text:"))
         rendered = line.split(":", 1)[1].strip().strip('"').encode().decode("unicode_escape")
         assert rendered == PROBE.format(q="{{question}}")[: len(rendered)] == FEW_SHOT + "Question: {{question}}\nAnswer:"
+
+
+def test_tasks_the_data_stage_skipped_are_left_out(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"skipped": {"lambada": "no source has it"}}))
+    p = EvaluateParams(tasks=["hellaswag", "lambada"])
+    assert component.drop_skipped_tasks(p, tmp_path).tasks == ["hellaswag"]
+    assert component.drop_skipped_tasks(p, tmp_path / "elsewhere").tasks == ["hellaswag", "lambada"]
