@@ -3,15 +3,19 @@ rule that bad input ends in one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import shutil
 import sys
-from typing import Callable
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
 
 from slotwise.checkpoint import CheckpointError
 from slotwise.config import ConfigError
 from slotwise.models import ModelSourceError
 from slotwise.sources import DataError
-from slotwise.storage import StorageError
+from slotwise.storage import StorageError, fetch, is_s3, publish
 
 USER_ERRORS = (ConfigError, ModelSourceError, CheckpointError, DataError, StorageError, FileNotFoundError)
 
@@ -23,11 +27,49 @@ def component_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def s3_paths(argv: list[str]) -> Iterator[tuple[list[str], tuple[str, str] | None]]:
+    """Let every stage take s3:// URIs for its path flags.
+
+    Inputs (--params, --model, --data, --stats, --facts, --deltas) are fetched, checksums verified,
+    into a temporary directory; an --out URI is written locally and published after the stage
+    succeeds (storage.publish: readers see the old artifact or the new one, whole). Yields the
+    rewritten argv and (out URI, local out path) or None.
+    """
+    if not any(is_s3(a) for a in argv):
+        yield argv, None
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="slotwise-s3-"))
+    out = None
+    new = list(argv)
+    try:
+        for i, value in enumerate(argv):
+            if not is_s3(value):
+                continue
+            flag = argv[i - 1] if i else ""
+            if flag == "--out":
+                local = tmp / "out" / value.rstrip("/").rsplit("/", 1)[-1]
+                out, new[i] = (value, str(local)), str(local)
+            elif flag in S3_INPUT_FLAGS:
+                new[i] = str(fetch(value, tmp / f"in{i}"))
+            else:
+                raise ConfigError(f"{flag or 'argument'} {value}: s3:// URIs are accepted for {', '.join(S3_INPUT_FLAGS)} and --out only")
+        yield new, out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+S3_INPUT_FLAGS = ("--params", "--model", "--data", "--stats", "--facts", "--deltas")
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run a component's main; user errors become one line on stderr and exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        code = main(argv)
+        with s3_paths(sys.argv[1:] if argv is None else list(argv)) as (args, out):
+            code = main(args)
+            if out is not None and not code and Path(out[1]).exists():  # a stage may write nothing (update: no new facts)
+                publish(out[1], out[0])
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
