@@ -53,6 +53,17 @@ def full_ft_parameters(model: nn.Module, train_embeddings: bool) -> list[nn.Para
     return params
 
 
+def dense_step(model, batch: dict, loss_fn: LossFn, params: list, opt: torch.optim.Optimizer, max_grad_norm: float | None) -> dict:
+    """One ordinary optimizer step (full FT and LoRA): loss, backward, optional clipping, step."""
+    loss = loss_fn(model, batch)
+    loss.backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {"loss": loss.item()}
+
+
 class FullFinetuner:
     def __init__(self, model: nn.Module, cfg: FullFTConfig, loss_fn: LossFn = causal_lm_loss):
         self.model, self.cfg, self.loss_fn = model, cfg, loss_fn
@@ -61,13 +72,7 @@ class FullFinetuner:
                                      weight_decay=cfg.weight_decay)
 
     def step(self, batch: dict) -> dict:
-        loss = self.loss_fn(self.model, batch)
-        loss.backward()
-        if self.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return {"loss": loss.item()}
+        return dense_step(self.model, batch, self.loss_fn, self.params, self.opt, self.cfg.max_grad_norm)
 
 
 @dataclass
@@ -116,10 +121,4 @@ class LoraFinetuner:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def step(self, batch: dict) -> dict:
-        loss = self.loss_fn(self.model, batch)
-        loss.backward()
-        if self.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return {"loss": loss.item()}
+        return dense_step(self.model, batch, self.loss_fn, self.params, self.opt, self.cfg.max_grad_norm)
