@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from slotwise.checkpoint import atomic_dir, load_checkpoint, model_hash, publish_dir
+from slotwise.checkpoint import load_checkpoint, model_hash, staged_dir
 from slotwise.cli_utils import component_parser, run_cli
 from slotwise.config import ConfigError, load_params, to_yaml
 from slotwise.continual.delta import extract_delta, save_delta
@@ -130,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("start: %d/%d screened questions known, held-out ppl %.2f", len(known), len(qa), start["heldout_ppl"])
     del start_model
 
-    stage = atomic_dir(args.out)
-    try:
+    with staged_dir(args.out) as tmp:
         results = {}
         for run in p.methods:
             t0 = time.perf_counter()
@@ -139,24 +137,20 @@ def main(argv: list[str] | None = None) -> int:
             result["final_tasks"] = final_tasks(model, tok, data, p, device)
             result["seconds"] = time.perf_counter() - t0
             if delta is not None and p.save_deltas:
-                save_delta(delta, stage.tmp / "deltas" / run.name)
+                save_delta(delta, tmp / "deltas" / run.name)
             results[run.name] = result
             log.info("%s: learned %d/%d, known kept %d/%d, held-out ppl %.2f (%.0f s)", run.name,
                      result["curve"][-1]["learned"], len(facts), result["curve"][-1]["known_kept"], len(known),
                      result["curve"][-1]["heldout_ppl"], result["seconds"])
             del model
         summary = summarize(results, start)
-        (stage.tmp / "curves.json").write_text(json.dumps({"start": start, "methods": results}, indent=1))
-        (stage.tmp / "metrics.json").write_text(json.dumps({"start": {k: v for k, v in start.items() if k != "final_tasks"}, **summary}, indent=2))
+        (tmp / "curves.json").write_text(json.dumps({"start": start, "methods": results}, indent=1))
+        (tmp / "metrics.json").write_text(json.dumps({"start": {k: v for k, v in start.items() if k != "final_tasks"}, **summary}, indent=2))
         from slotwise.continual.plots import plot_curves, plot_frontier
 
-        plot_curves(results, stage.tmp / "plots" / "curves.png")
-        plot_frontier(summary, stage.tmp / "plots" / "frontier.png")
-        (stage.tmp / "params.resolved.yaml").write_text(to_yaml(params))
-    except BaseException:
-        shutil.rmtree(stage.tmp, ignore_errors=True)
-        raise
-    publish_dir(stage)
+        plot_curves(results, tmp / "plots" / "curves.png")
+        plot_frontier(summary, tmp / "plots" / "frontier.png")
+        (tmp / "params.resolved.yaml").write_text(to_yaml(params))
     for name, s in summary.items():
         log.info("%-12s learned %s/%s  known_drop %s  ppl_rise %s", name, s["learned"], s["n_facts"], s["known_drop"], s["heldout_ppl_rise"])
     return 0

@@ -18,10 +18,9 @@ import dataclasses
 import json
 import logging
 import random
-import shutil
 from pathlib import Path
 
-from slotwise.checkpoint import atomic_dir, publish_dir, sha256_file
+from slotwise.checkpoint import sha256_file, staged_dir
 from slotwise.cli_utils import component_parser, run_cli
 from slotwise.config import DataParams, load_params, to_yaml
 from slotwise.facts import Fact, fact_stream
@@ -120,16 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/data", help="output directory")
     args = parser.parse_args(argv)
     params = load_params(args.params, args.overrides)
-    stage = atomic_dir(args.out)
-    try:
-        manifest = build(params.data, stage.tmp)
-        (stage.tmp / "params.resolved.yaml").write_text(to_yaml(params))
-        manifest["files"] = {str(f.relative_to(stage.tmp)): sha256_file(f) for f in sorted(stage.tmp.rglob("*")) if f.is_file()}
-        (stage.tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    except BaseException:
-        shutil.rmtree(stage.tmp, ignore_errors=True)
-        raise
-    publish_dir(stage)
+    with staged_dir(args.out) as tmp:
+        manifest = build(params.data, tmp)
+        (tmp / "params.resolved.yaml").write_text(to_yaml(params))
+        manifest["files"] = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     for name, info in manifest["datasets"].items():
         log.info("%-22s %6d  (%s)", name, info["count"], info["source"])
     return 0

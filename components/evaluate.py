@@ -21,13 +21,12 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from slotwise.checkpoint import MANIFEST, RETROFIT_FILE, CheckpointError, atomic_dir, load_checkpoint, model_hash, publish_dir
+from slotwise.checkpoint import CheckpointError, MANIFEST, RETROFIT_FILE, load_checkpoint, model_hash, staged_dir
 from slotwise.cli_utils import component_parser, resolve_device, run_cli
 from slotwise.config import ConfigError, load_params, write_resolved
 from slotwise.evaluation.facts import fact_acquisition, read_jsonl
@@ -150,17 +149,12 @@ def main(argv: list[str] | None = None) -> int:
                "device": str(device), "dtype": p.dtype, "load_seconds": round(t_load, 2),
                "eval_seconds": round(time.perf_counter() - t0 - t_load, 2)}
 
-    stage = atomic_dir(args.out)
-    try:
-        (stage.tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (stage.tmp / "facts_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fact_rows))
-        write_scores(score_rows(metrics), stage.tmp / "plots")
-        write_resolved(params, stage.tmp)
-    except BaseException:
-        shutil.rmtree(stage.tmp, ignore_errors=True)
-        raise
-    publish_dir(stage)
+    with staged_dir(args.out) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / "facts_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fact_rows))
+        write_scores(score_rows(metrics), tmp / "plots")
+        write_resolved(params, tmp)
     log.info("wrote %s (%s)", args.out, "; ".join(f"{t}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float))
                                                for t, m in metrics.items()))
     return 0

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 from slotwise import storage
-from slotwise.checkpoint import CheckpointError, atomic_dir, load_checkpoint, publish_dir
+from slotwise.checkpoint import CheckpointError, load_checkpoint, staged_dir
 from slotwise.cli_utils import component_parser, resolve_device, run_cli
 from slotwise.components.update import fact_files, read_facts, served_delta_dir
 from slotwise.config import NightlyParams, load_params, to_yaml
@@ -139,14 +138,9 @@ def run(args) -> int:
               "max_retention_drop": n.max_retention_drop, "known_screened": n.eval.known_screen, "known_found": len(probes.known),
               "model": str(args.model), "current_delta": str(current_dir) if current_dir else None, "candidate_delta": str(args.candidate),
               "seconds": round(time.perf_counter() - t0, 2)}
-    stage = atomic_dir(args.out)
-    try:
-        (stage.tmp / "gate.json").write_text(json.dumps(result, indent=2) + "\n")
-        (stage.tmp / "params.resolved.yaml").write_text(to_yaml(params))
-    except BaseException:
-        shutil.rmtree(stage.tmp, ignore_errors=True)
-        raise
-    publish_dir(stage)
+    with staged_dir(args.out) as tmp:
+        (tmp / "gate.json").write_text(json.dumps(result, indent=2) + "\n")
+        (tmp / "params.resolved.yaml").write_text(to_yaml(params))
     log.info("gate %s: %s", "PASSED" if passed else "FAILED", "; ".join(reasons) or
              ", ".join(f"{k} {v:+.1%}" for k, v in drops.items() if v is not None) or "no retention metric measured")
     return 0

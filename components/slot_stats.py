@@ -24,13 +24,12 @@ import csv
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from slotwise.checkpoint import CheckpointError, atomic_dir, load_checkpoint, model_hash, publish_dir, sha256_file
+from slotwise.checkpoint import CheckpointError, load_checkpoint, model_hash, sha256_file, staged_dir
 from slotwise.cli_utils import component_parser, resolve_device, run_cli
 from slotwise.config import ConfigError, SlotStatsParams, load_params, to_yaml
 from slotwise.retrofit import memory_layers
@@ -174,16 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = {**meta, "device": str(device), "n_batches": len(batches), "n_tokens": n_tokens,
                "seconds": round(seconds, 2), "tokens_per_second": round(n_tokens / max(seconds, 1e-9), 1),
                "tables": table_summary(table, p.top)}
-    stage = atomic_dir(args.out)
-    try:
-        save_table(table, stage.tmp / TABLE_FILE)
-        (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        write_plots(table, stage.tmp / "plots")
-        (stage.tmp / "params.resolved.yaml").write_text(to_yaml(params))
-    except BaseException:
-        shutil.rmtree(stage.tmp, ignore_errors=True)
-        raise
-    publish_dir(stage)
+    with staged_dir(args.out) as tmp:
+        save_table(table, tmp / TABLE_FILE)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_plots(table, tmp / "plots")
+        (tmp / "params.resolved.yaml").write_text(to_yaml(params))
     for name, s in summary["tables"].items():
         log.info("%-8s coverage %.3f  effective slots %.3f  median df %.3f  slots/batch %.3f",
                  name, s["coverage"], s["effective_slots"], s["median_df_fraction"], s["slots_per_batch_fraction"])

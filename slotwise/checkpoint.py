@@ -11,6 +11,7 @@ never sees half of one and a killed save leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,6 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from omegaconf import OmegaConf
@@ -70,32 +72,40 @@ def publish_dir(stage: _Staging) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def staged_dir(final: str | Path) -> Iterator[Path]:
+    """Write a directory atomically: fill the yielded temporary sibling; on success it replaces
+    `final` whole, on any error it is removed and `final` is left as it was."""
+    stage = atomic_dir(final)
+    try:
+        yield stage.tmp
+    except BaseException:
+        shutil.rmtree(stage.tmp, ignore_errors=True)
+        raise
+    publish_dir(stage)
+
+
 def save_checkpoint(
     model, tokenizer, out_dir: str | Path, retrofit_cfg: RetrofitConfig | None, extra: dict | None = None,
     extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write model (+ tokenizer, retrofit config, manifest, extra text files) to out_dir atomically."""
-    stage = atomic_dir(out_dir)
-    try:
-        model.config.save_pretrained(stage.tmp)
+    with staged_dir(out_dir) as tmp:
+        model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(stage.tmp)
-        save_model(model, str(stage.tmp / WEIGHTS))
+            model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / WEIGHTS))
         if tokenizer is not None:
-            tokenizer.save_pretrained(stage.tmp)
+            tokenizer.save_pretrained(tmp)
         meta = {"format": 1, "retrofit": None if retrofit_cfg is None else OmegaConf.to_container(OmegaConf.structured(retrofit_cfg))}
         meta.update(extra or {})
-        (stage.tmp / RETROFIT_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / RETROFIT_FILE).write_text(json.dumps(meta, indent=2))
         for name, text in (extra_files or {}).items():
-            (stage.tmp / name).write_text(text)
-        files = sorted(p for p in stage.tmp.iterdir() if p.is_file())
+            (tmp / name).write_text(text)
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
         manifest = {p.name: sha256_file(p) for p in files}
-        (stage.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    except BaseException:
-        shutil.rmtree(stage.tmp, ignore_errors=True)
-        raise
-    publish_dir(stage)
-    return stage.final
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return Path(out_dir)
 
 
 def read_retrofit_config(ckpt_dir: str | Path) -> RetrofitConfig | None:

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from slotwise.checkpoint import atomic_dir, publish_dir
+from slotwise.checkpoint import staged_dir
 from slotwise.optim import OptimParams, build_optimizers, build_schedulers, trainable_groups
 from slotwise.retrofit import record_lookups
 
@@ -128,14 +128,13 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
         log.info("resumed from %s at step %d", state_dir, record["step"])
 
     def save_state():
-        stage = atomic_dir(state_dir)
-        save_file(_trainable_state(model, names), stage.tmp / "trainable.safetensors")
-        if best_state is not None:
-            save_file(best_state, stage.tmp / "best.safetensors")
-        torch.save({"optimizers": {k: o.state_dict() for k, o in opts.items()},
-                    "schedulers": {k: s.state_dict() for k, s in scheds.items()},
-                    "rng": _rng_state(), "record": record}, stage.tmp / "trainer.pt")
-        publish_dir(stage)
+        with staged_dir(state_dir) as tmp:
+            save_file(_trainable_state(model, names), tmp / "trainable.safetensors")
+            if best_state is not None:
+                save_file(best_state, tmp / "best.safetensors")
+            torch.save({"optimizers": {k: o.state_dict() for k, o in opts.items()},
+                        "schedulers": {k: s.state_dict() for k, s in scheds.items()},
+                        "rng": _rng_state(), "record": record}, tmp / "trainer.pt")
 
     if record["step"] == 0 and not record["history"]:
         record["best_eval_loss"] = eval_loss(model, eval_batches)

@@ -45,6 +45,15 @@ def tiny_retrofit_cfg(**memory) -> RetrofitConfig:
     return RetrofitConfig(layers=[1, 3], mode="additive", alpha=1.0, memory=MemoryConfig(**mem))
 
 
+# A few QA pairs and a small memory config for tests that stream facts through a retrofitted model.
+SAMPLE_QA = [
+    {"question": "Which planet is known as the Red Planet", "answers": ["Mars"]},
+    {"question": "What is the largest ocean on Earth", "answers": ["Pacific Ocean", "Pacific"]},
+    {"question": "Who painted the Mona Lisa", "answers": ["Leonardo da Vinci", "Leonardo"]},
+    {"question": "What is the chemical symbol for gold", "answers": ["Au"]},
+]
+SMALL_MEMORY_CFG = RetrofitConfig(layers=[1], memory=MemoryConfig(n_keys=16, heads=2, knn=4, k_dim=16, out_init_std=0.05))
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

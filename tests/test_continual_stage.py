@@ -7,24 +7,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import small_llama
+from conftest import SAMPLE_QA, SMALL_MEMORY_CFG, small_llama
 from slotwise.checkpoint import load_checkpoint, model_hash, save_checkpoint
 from slotwise.components import continual as continual_component
 from slotwise.continual.delta import apply_delta, load_delta, revert_delta
 from slotwise.continual.experiment import answer_span_example, fact_batch
 from slotwise.facts import fact_stream
-from slotwise.memory import MemoryConfig
-from slotwise.retrofit import RetrofitConfig, retrofit
+from slotwise.retrofit import retrofit
 from slotwise.slot_stats import collect, pool_groups
 from slotwise.slot_table import from_collect, save_table
 
-QA = [
-    {"question": "Which planet is known as the Red Planet", "answers": ["Mars"]},
-    {"question": "What is the largest ocean on Earth", "answers": ["Pacific Ocean", "Pacific"]},
-    {"question": "Who painted the Mona Lisa", "answers": ["Leonardo da Vinci", "Leonardo"]},
-    {"question": "What is the chemical symbol for gold", "answers": ["Au"]},
-]
-CFG = RetrofitConfig(layers=[1], memory=MemoryConfig(n_keys=16, heads=2, knn=4, k_dim=16, out_init_std=0.05))
+QA, CFG = SAMPLE_QA, SMALL_MEMORY_CFG
 
 
 def _jsonl(path: Path, rows) -> None:

@@ -17,26 +17,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import small_llama
+from conftest import SAMPLE_QA, SMALL_MEMORY_CFG, small_llama
 from slotwise.checkpoint import load_checkpoint, model_hash, save_checkpoint
 from slotwise.cli_utils import run_cli
 from slotwise.components import gate as gate_component
 from slotwise.components import update as update_component
 from slotwise.continual.delta import apply_delta, load_delta, state_hash
 from slotwise.facts import fact_stream
-from slotwise.memory import MemoryConfig
-from slotwise.retrofit import RetrofitConfig, retrofit
+from slotwise.retrofit import retrofit
 from slotwise.slot_stats import collect, pool_groups
 from slotwise.slot_table import from_collect, save_table
 
 REPO = Path(__file__).resolve().parents[1]
-QA = [
-    {"question": "Which planet is known as the Red Planet", "answers": ["Mars"]},
-    {"question": "What is the largest ocean on Earth", "answers": ["Pacific Ocean", "Pacific"]},
-    {"question": "Who painted the Mona Lisa", "answers": ["Leonardo da Vinci", "Leonardo"]},
-    {"question": "What is the chemical symbol for gold", "answers": ["Au"]},
-]
-CFG = RetrofitConfig(layers=[1], memory=MemoryConfig(n_keys=16, heads=2, knn=4, k_dim=16, out_init_std=0.05))
+QA, CFG = SAMPLE_QA, SMALL_MEMORY_CFG
 PARAMS = """
 nightly:
   smf: {score: tfidf, top_t: 8, lr: 0.01, optimizer: adam, steps_per_fact: 2}

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from slotwise.checkpoint import atomic_dir, publish_dir, sha256_file
+from slotwise.checkpoint import sha256_file, staged_dir
 from slotwise.continual.pools import value_pools
 
 WEIGHTS = "delta.safetensors"
@@ -191,14 +190,13 @@ def stack(first: SparseDelta, second: SparseDelta) -> SparseDelta:
 
 def save_delta(delta: SparseDelta, path: str | Path) -> Path:
     """Write delta.safetensors + delta.json into directory `path`, atomically."""
-    stage = atomic_dir(path)
-    try:
+    with staged_dir(path) as tmp:
         tensors = {}
         for name, pd in delta.pools.items():
             tensors[f"{name}/rows"] = pd.rows.contiguous()
             tensors[f"{name}/new"] = pd.new.contiguous()
             tensors[f"{name}/old"] = pd.old.contiguous()
-        save_file(tensors, str(stage.tmp / WEIGHTS))
+        save_file(tensors, str(tmp / WEIGHTS))
         meta = {
             "format": FORMAT,
             "base_hash": delta.base_hash,
@@ -206,14 +204,10 @@ def save_delta(delta: SparseDelta, path: str | Path) -> Path:
             "pools": {name: {"n_slots": pd.n_slots, "n_rows": int(pd.rows.numel()), "dim": int(pd.new.shape[1]),
                              "dtype": str(pd.new.dtype)} for name, pd in delta.pools.items()},
             "meta": delta.meta,
-            "sha256": {WEIGHTS: sha256_file(stage.tmp / WEIGHTS)},
+            "sha256": {WEIGHTS: sha256_file(tmp / WEIGHTS)},
         }
-        (stage.tmp / META).write_text(json.dumps(meta, indent=2))
-    except BaseException:
-        shutil.rmtree(stage.tmp, ignore_errors=True)
-        raise
-    publish_dir(stage)
-    return stage.final
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+    return Path(path)
 
 
 def load_delta(path: str | Path) -> SparseDelta:
