@@ -20,6 +20,7 @@ atomically; a failing gate is a result (exit 0), not an error.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -125,12 +126,14 @@ def run(args) -> int:
     current_dir = served_delta_dir(args.current)
     current = load_delta(current_dir) if current_dir is not None else None
     candidate = load_delta(args.candidate)
+    base = copy.deepcopy(model) if current is not None else None  # deltas keep new rows only: revert reads the base
     if current is not None:
         apply_delta(model, current)
     probes = Probes(model, tokenizer, n, Path(args.data), new_facts, device)
     before = probes.measure(model, tokenizer)
     if current is not None:
-        revert_delta(model, current)
+        revert_delta(model, current, base=base)
+        del base
     apply_delta(model, candidate)  # verifies the candidate was made on this base checkpoint
     after = probes.measure(model, tokenizer)
     passed, drops, reasons = decide(before, after, n.max_retention_drop)

@@ -34,6 +34,7 @@ class LoopParams:
     max_steps: int = 60
     eval_every: int = 20
     early_stop_patience: int | None = 3  # evals without improvement before stopping; None: never
+    max_minutes: float | None = None  # time budget: stop (keeping the best weights) after this many minutes
     save_every: int = 10
     seed: int = 0
     balance_weight: float = 0.03  # sub-key balancing loss (0 disables)
@@ -170,6 +171,10 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
         bar.update(1)
         bar.set_postfix(loss=f"{stats['lm_loss']:.3f}", **({"eval": f"{entry['eval_loss']:.3f}"} if "eval_loss" in entry else {}))
         stop = p.early_stop_patience is not None and record["evals_without_improvement"] >= p.early_stop_patience
+        if p.max_minutes is not None and not stop and time.perf_counter() - t_start > 60 * p.max_minutes:
+            stop = True
+            record["stopped_at_time_budget"] = step + 1
+            log.info("stopping at step %d: the time budget of %.1f minutes is spent", step + 1, p.max_minutes)
         if stop:
             record["stopped_early_at"] = step + 1
             record["step"] = p.max_steps  # a resumed run must not continue past an early stop

@@ -1,10 +1,14 @@
 """Sparse deltas: an SMF update as the value rows it changed (small, composable, revertible).
 
-Per value pool W (N, D) a delta holds the changed row ids R (R,), the rows after (new (R, D)) and
-before (old (R, D)) the update, so that
+Per value pool W (N, D) a delta holds the changed row ids R (R,) and the rows after the update
+(new (R, D)); optionally (keep_old=True) also the rows before it (old (R, D)), so that
 
     apply:   W[R] = new          (on the model the delta was extracted from: its *base*)
-    revert:  W[R] = old          (on the model the delta produced)
+    revert:  W[R] = old          (on the model the delta produced; without old rows, W[R] = base[R]
+                                  read from the base model, which the caller passes)
+
+By default a delta stores new rows only: half the size, and the base checkpoint (named by its
+hash) is always at hand where a delta is served.
 
 Which model is which is pinned by content hashes (`state_hash`: sha256 over every tensor of the
 state dict, names, dtypes, shapes and bytes): a delta records base_hash and new_hash and refuses a
@@ -13,11 +17,12 @@ union of rows, new rows from the later delta where both touch a row, old rows fr
 
 On disk, a directory written atomically (temporary sibling, then rename):
 
-    <dir>/delta.safetensors   "<pool>/rows" int64 (R,), "<pool>/new" (R, D), "<pool>/old" (R, D)
+    <dir>/delta.safetensors   "<pool>/rows" int64 (R,), "<pool>/new" (R, D), ["<pool>/old" (R, D)]
     <dir>/delta.json          base_hash, new_hash, pool shapes and dtypes, meta, sha256 of the weights
 
-Size: R * (8 + 2 * D * itemsize) bytes per pool against N * D * itemsize for the full pool: 500
-rows of a 1M x 576 fp32 pool are 2.3 MB, 0.1% of the pool's 2.4 GB.
+Size: R * (8 + D * itemsize) bytes per pool (twice the rows with old rows kept) against
+N * D * itemsize for the full pool: 500 rows of a 1M x 576 fp32 pool are 1.2 MB, 0.05% of the
+pool's 2.4 GB.
 """
 from __future__ import annotations
 
@@ -46,12 +51,12 @@ class DeltaError(ValueError):
 class PoolDelta:
     rows: torch.Tensor  # (R,) int64, ascending
     new: torch.Tensor  # (R, D)
-    old: torch.Tensor  # (R, D)
+    old: torch.Tensor | None  # (R, D), or None: revert reads the base model
     n_slots: int  # N of the pool it belongs to
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.rows, self.new, self.old))
+        return sum(t.numel() * t.element_size() for t in (self.rows, self.new, self.old) if t is not None)
 
 
 @dataclass
@@ -70,9 +75,9 @@ class SparseDelta:
         return {name: int(p.rows.numel()) for name, p in self.pools.items()}
 
 
-def delta_nbytes(n_rows: int, dim: int, itemsize: int = 4) -> int:
-    """Bytes of one pool's delta tensors: ids (int64) + new rows + old rows."""
-    return n_rows * (8 + 2 * dim * itemsize)
+def delta_nbytes(n_rows: int, dim: int, itemsize: int = 4, keep_old: bool = False) -> int:
+    """Bytes of one pool's delta tensors: ids (int64) + new rows (+ old rows)."""
+    return n_rows * (8 + (2 if keep_old else 1) * dim * itemsize)
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -90,8 +95,11 @@ def state_hash(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def extract_delta(base_model: nn.Module, updated_model: nn.Module, meta: dict | None = None) -> SparseDelta:
-    """The value rows that differ (bitwise) between two models that may differ only in value rows."""
+def extract_delta(base_model: nn.Module, updated_model: nn.Module, meta: dict | None = None,
+                  keep_old: bool = False) -> SparseDelta:
+    """The value rows that differ (bitwise) between two models that may differ only in value rows.
+
+    keep_old: also keep the base rows, so the delta reverts without the base model (twice the size)."""
     base_pools = {p.name: p for p in value_pools(base_model)}
     upd_pools = {p.name: p for p in value_pools(updated_model)}
     if base_pools.keys() != upd_pools.keys():
@@ -112,14 +120,24 @@ def extract_delta(base_model: nn.Module, updated_model: nn.Module, meta: dict | 
         if b.shape != u.shape or b.dtype != u.dtype:
             raise DeltaError(f"{name}: pool {tuple(b.shape)} {b.dtype} vs {tuple(u.shape)} {u.dtype}")
         rows = (_bytes(b) != _bytes(u)).any(dim=1).nonzero().squeeze(1).to(b.device)  # (R,)
-        pools[name] = PoolDelta(rows.cpu(), u[rows].cpu().clone(), b[rows].cpu().clone(), b.shape[0])
+        pools[name] = PoolDelta(rows.cpu(), u[rows].cpu().clone(), b[rows].cpu().clone() if keep_old else None, b.shape[0])
     return SparseDelta(state_hash(base_model), state_hash(updated_model), pools, dict(meta or {}))
 
 
-def _write_rows(model: nn.Module, delta: SparseDelta, expect: str, verify: bool) -> None:
+def _write_rows(model: nn.Module, delta: SparseDelta, expect: str, verify: bool, base: nn.Module | None = None) -> None:
     """Shared by apply (expect 'base') and revert (expect 'new')."""
     want = delta.base_hash if expect == "base" else delta.new_hash
     pools = {p.name: p for p in value_pools(model)}
+    base_rows = {}
+    if expect == "new" and any(pd.old is None for pd in delta.pools.values()):
+        if base is None:
+            raise DeltaError("this delta stores new rows only; revert it with base=<the base model> "
+                             "(or extract it with keep_old=True)")
+        if verify and state_hash(base) != delta.base_hash:
+            raise DeltaError(f"base model state {state_hash(base)[:12]} is not the delta's base ({delta.base_hash[:12]})")
+        base_pools = {p.name: p for p in value_pools(base)}
+        base_rows = {name: base_pools[name].weight.detach()[pd.rows.to(base_pools[name].weight.device)].cpu()
+                     for name, pd in delta.pools.items() if pd.old is None}
     for name, pd in delta.pools.items():
         if name not in pools:
             raise DeltaError(f"delta names value pool {name!r}, the model has {sorted(pools)}")
@@ -136,23 +154,26 @@ def _write_rows(model: nn.Module, delta: SparseDelta, expect: str, verify: bool)
     with torch.no_grad():
         for name, pd in delta.pools.items():
             w = pools[name].weight
-            src, dst = (pd.old, pd.new) if expect == "base" else (pd.new, pd.old)
+            old = pd.old if pd.old is not None else base_rows.get(name)
+            src, dst = (old, pd.new) if expect == "base" else (pd.new, old)
             rows = pd.rows.to(w.device)
-            if not torch.equal(_bytes(w[rows]), _bytes(src)):
+            if src is not None and not torch.equal(_bytes(w[rows]), _bytes(src)):
                 raise DeltaError(f"{name}: the rows the delta replaces are not the rows it was made from; wrong model")
             w[rows] = dst.to(w.device)
 
 
 def apply_delta(model: nn.Module, delta: SparseDelta, verify: bool = True) -> nn.Module:
     """In place: W[R] = new for every pool. verify: refuse unless state_hash(model) == delta.base_hash
-    (costs one pass over the weights); the replaced rows are always checked against delta.old."""
+    (costs one pass over the weights); the replaced rows are also checked against delta.old if kept."""
     _write_rows(model, delta, "base", verify)
     return model
 
 
-def revert_delta(model: nn.Module, delta: SparseDelta, verify: bool = True) -> nn.Module:
-    """In place: W[R] = old, on the model the delta produced (state_hash == delta.new_hash)."""
-    _write_rows(model, delta, "new", verify)
+def revert_delta(model: nn.Module, delta: SparseDelta, verify: bool = True, base: nn.Module | None = None) -> nn.Module:
+    """In place: W[R] = old, on the model the delta produced (state_hash == delta.new_hash).
+
+    A delta without old rows reads them from `base`, the model it was made from (checked by hash)."""
+    _write_rows(model, delta, "new", verify, base)
     return model
 
 
@@ -179,11 +200,14 @@ def stack(first: SparseDelta, second: SparseDelta) -> SparseDelta:
         in_a, pos_a = _member(a.rows, rows)
         in_b, pos_b = _member(b.rows, rows)
         new = torch.empty(rows.numel(), a.new.shape[1], dtype=a.new.dtype)
-        old = torch.empty_like(new)
-        new[in_a], old[in_a] = a.new[pos_a[in_a]], a.old[pos_a[in_a]]  # earlier delta first ...
+        new[in_a] = a.new[pos_a[in_a]]  # earlier delta first ...
         new[in_b] = b.new[pos_b[in_b]]  # ... the later one wins on shared rows
-        only_b = in_b & ~in_a
-        old[only_b] = b.old[pos_b[only_b]]  # untouched by the first: b.old is the base row
+        old = None
+        if a.old is not None and b.old is not None:  # old rows survive only if both deltas kept them
+            old = torch.empty_like(new)
+            old[in_a] = a.old[pos_a[in_a]]
+            only_b = in_b & ~in_a
+            old[only_b] = b.old[pos_b[only_b]]  # untouched by the first: b.old is the base row
         pools[name] = PoolDelta(rows, new, old, a.n_slots)
     return SparseDelta(first.base_hash, second.new_hash, pools, {"stacked": [first.meta, second.meta]})
 
@@ -195,7 +219,8 @@ def save_delta(delta: SparseDelta, path: str | Path) -> Path:
         for name, pd in delta.pools.items():
             tensors[f"{name}/rows"] = pd.rows.contiguous()
             tensors[f"{name}/new"] = pd.new.contiguous()
-            tensors[f"{name}/old"] = pd.old.contiguous()
+            if pd.old is not None:
+                tensors[f"{name}/old"] = pd.old.contiguous()
         save_file(tensors, str(tmp / WEIGHTS))
         meta = {
             "format": FORMAT,
@@ -221,6 +246,6 @@ def load_delta(path: str | Path) -> SparseDelta:
     if sha256_file(path / WEIGHTS) != meta["sha256"][WEIGHTS]:
         raise DeltaError(f"{path / WEIGHTS}: sha256 does not match {META} (truncated or modified file)")
     t = load_file(str(path / WEIGHTS))
-    pools = {name: PoolDelta(t[f"{name}/rows"], t[f"{name}/new"], t[f"{name}/old"], info["n_slots"])
+    pools = {name: PoolDelta(t[f"{name}/rows"], t[f"{name}/new"], t.get(f"{name}/old"), info["n_slots"])
              for name, info in meta["pools"].items()}
     return SparseDelta(meta["base_hash"], meta["new_hash"], pools, meta.get("meta", {}))

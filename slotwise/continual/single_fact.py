@@ -17,6 +17,7 @@ import torch
 from slotwise.checkpoint import load_checkpoint
 from slotwise.continual.experiment import fact_batch, qa_score
 from slotwise.continual.updaters import make_updater
+from slotwise.evaluation.perplexity import blocks_nll, token_blocks
 from slotwise.sources import read_jsonl
 
 
@@ -25,10 +26,24 @@ def answer_loss(model, batch) -> float:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.item()
 
 
-def run(model_dir: str, facts: list[dict], method: str, params: dict, steps: int, backgrounds) -> list[dict]:
+def perplexity(model, blocks: torch.Tensor | None) -> float | None:
+    if blocks is None or len(blocks) == 0:
+        return None
+    total, count = blocks_nll(model, blocks, batch_size=4)
+    return float(torch.tensor(total / count).exp())
+
+
+def run(model_dir: str, facts: list[dict], method: str, params: dict, steps: int, backgrounds,
+        heldout: list[str] | None = None, ppl_blocks: int = 4) -> list[dict]:
+    """Each fact from a fresh copy of the model; held-out perplexity before and after (the damage)."""
     rows = []
+    blocks = None
     for fact in facts:
         model, tokenizer = load_checkpoint(model_dir)
+        if blocks is None and heldout:
+            blocks = token_blocks(tokenizer, heldout, seq_len=128, max_blocks=ppl_blocks)
+        model.eval()
+        ppl_before = perplexity(model, blocks)
         updater = make_updater(method, model, dict(params), backgrounds=backgrounds)
         batch = fact_batch(fact, tokenizer, include_statement=True, max_len=96)
         losses = [answer_loss(updater.model, batch)]
@@ -38,10 +53,12 @@ def run(model_dir: str, facts: list[dict], method: str, params: dict, steps: int
             updater.model.eval()
             losses.append(answer_loss(updater.model, batch))
         probe = qa_score(updater.model, tokenizer, [fact], batch_size=1)
+        ppl_after = perplexity(updater.model, blocks)
         rows.append({"id": fact["id"], "answer": fact["answers"][0], "losses": losses, "learned": bool(probe["exact_match"]),
-                     "f1": probe["f1"]})
+                     "f1": probe["f1"], "ppl_before": ppl_before, "ppl_after": ppl_after})
+        ppl = "" if ppl_before is None else f"  ppl {ppl_before:.2f} -> {ppl_after:.2f}"
         print(f"{fact['id']:>16}  {fact['answers'][0][:24]:<24}  loss " + " ".join(f"{x:.2f}" for x in losses)
-              + f"  -> {'LEARNED' if probe['exact_match'] else 'not learned'} (F1 {probe['f1']:.2f})", flush=True)
+              + f"  -> {'LEARNED' if probe['exact_match'] else 'not learned'} (F1 {probe['f1']:.2f}){ppl}", flush=True)
     return rows
 
 
@@ -54,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="{}", help="the method's params as JSON")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--facts", type=int, default=3, help="first N facts the base model did not know")
+    ap.add_argument("--ppl-blocks", type=int, default=4, help="held-out blocks of 128 tokens for the damage (0: off)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     params = json.loads(args.params)
@@ -63,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         from slotwise.components.continual import backgrounds_from_table
 
         backgrounds = backgrounds_from_table(Path(args.stats), args.model)
-    rows = run(args.model, facts, args.method, params, args.steps, backgrounds)
+    heldout = [r["text"] for _, r in read_jsonl(Path(args.data) / "background" / "heldout.jsonl")] if args.ppl_blocks else None
+    rows = run(args.model, facts, args.method, params, args.steps, backgrounds, heldout, args.ppl_blocks)
     if args.json:
         Path(args.json).write_text(json.dumps({"method": args.method, "params": params, "facts": rows}, indent=1))
     return 0

@@ -48,13 +48,31 @@ def test_apply_and_revert_round_trip_bitwise(tmp_path):
     model = copy.deepcopy(base)
     apply_delta(model, d)
     assert _equal_state(model, updated) and state_hash(model) == d.new_hash
-    revert_delta(model, d)
+    with pytest.raises(DeltaError, match="new rows only"):  # by default no old rows: revert reads the base
+        revert_delta(model, d)
+    revert_delta(model, d, base=base)
     assert _equal_state(model, base) and state_hash(model) == d.base_hash
+
+
+def test_keep_old_reverts_without_the_base_at_twice_the_size(tmp_path):
+    base = retrofitted()
+    updated = _smf_update(base, seed=1)
+    lean, full = extract_delta(base, updated), extract_delta(base, updated, keep_old=True)
+    assert lean.n_rows == full.n_rows
+    rows = sum(lean.n_rows.values())
+    assert full.nbytes - lean.nbytes == rows * 48 * 4  # the old rows: R x D fp32
+    full = load_delta(save_delta(full, tmp_path / "full"))
+    model = apply_delta(copy.deepcopy(base), full)
+    revert_delta(model, full)
+    assert _equal_state(model, base)
+    # a base that is not the delta's own is refused
+    with pytest.raises(DeltaError, match="is not the delta's base"):
+        revert_delta(apply_delta(copy.deepcopy(base), lean), lean, base=retrofitted(seed=5))
 
 
 def test_refuses_a_model_that_is_not_its_base():
     base = retrofitted()
-    d = extract_delta(base, _smf_update(base, seed=1))
+    d = extract_delta(base, _smf_update(base, seed=1), keep_old=True)
     other = retrofitted(seed=5)
     with pytest.raises(DeltaError, match="is not its base") as e:
         apply_delta(other, d)
@@ -86,7 +104,12 @@ def test_stack_composes_and_reverts_to_the_base(tmp_path):
     d12 = load_delta(save_delta(stack(d1, d2), tmp_path / "d12"))
     model = apply_delta(copy.deepcopy(base), d12)
     assert _equal_state(model, m2)
-    revert_delta(model, d12)
+    revert_delta(model, d12, base=base)
+    assert _equal_state(model, base)
+    # with old rows kept on both sides, the stack reverts on its own
+    d12_old = stack(extract_delta(base, m1, keep_old=True), extract_delta(m1, m2, keep_old=True))
+    model = apply_delta(copy.deepcopy(base), d12_old)
+    revert_delta(model, d12_old)
     assert _equal_state(model, base)
     # the stack equals the delta extracted directly (rows that moved and came back aside)
     direct = extract_delta(base, m2)
@@ -109,7 +132,8 @@ def test_load_refuses_a_modified_file(tmp_path):
 def test_size_is_a_small_fraction_of_the_checkpoint(tmp_path):
     # arithmetic, at the anchors' scale: 500 rows of a 1M x 576 fp32 pool
     full = 1024**2 * 576 * 4
-    assert delta_nbytes(500, 576) / full < 0.01  # 2.3 MB of 2.4 GB: 0.1%
+    assert delta_nbytes(500, 576) / full < 0.001  # 1.2 MB of 2.4 GB: 0.05%
+    assert delta_nbytes(500, 576, keep_old=True) == 500 * (8 + 2 * 576 * 4)
     # real files, moderate pool: 65,536 x 48 shared pool, 50 rows touched
     base = retrofitted(n_keys=256, shared_values=True)
     updated = copy.deepcopy(base)
