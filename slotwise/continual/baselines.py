@@ -13,6 +13,7 @@ layers (query, gate, out_proj) unless include_memory=True.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -64,9 +65,17 @@ def dense_step(model, batch: dict, loss_fn: LossFn, params: list, opt: torch.opt
     return {"loss": loss.item()}
 
 
+def dense_value_grads(model: nn.Module) -> None:
+    """Memory layers built for sparse value gradients (SparseAdam) go dense: AdamW takes no sparse grads."""
+    for m in model.modules():
+        if isinstance(m, ProductKeyMemory) and m.cfg.sparse_grad:
+            m.cfg = dataclasses.replace(m.cfg, sparse_grad=False)
+
+
 class FullFinetuner:
     def __init__(self, model: nn.Module, cfg: FullFTConfig, loss_fn: LossFn = causal_lm_loss):
         self.model, self.cfg, self.loss_fn = model, cfg, loss_fn
+        dense_value_grads(model)
         self.params = full_ft_parameters(model, cfg.train_embeddings)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                      weight_decay=cfg.weight_decay)

@@ -54,3 +54,14 @@ def test_lora_on_a_plain_model():
     up = LoraFinetuner(tiny_model("llama"), LoraParams(r=2, lr=1e-2))
     losses = _losses(up, 3)
     assert losses[-1] < losses[0]
+
+
+def test_full_finetuning_of_a_sparse_gradient_memory_uses_dense_value_grads():
+    # The GPU profile builds its 1M-slot pool with sparse value gradients (for SparseAdam while
+    # healing); AdamW refuses sparse gradients, so full FT must switch the memory to dense ones.
+    model = retrofitted(sparse_grad=True)
+    before = snapshot(model)
+    losses = _losses(FullFinetuner(model, FullFTConfig(lr=3e-3)))
+    assert losses[-1] < losses[0] - 1e-2, losses
+    name = next(k for k in before if k.endswith("values.weight"))
+    assert not torch.equal(model.state_dict()[name], before[name])
