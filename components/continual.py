@@ -8,13 +8,17 @@ Every method starts from the same model and sees the same facts in the same orde
 curves.json (acquisition and retention over the stream), metrics.json (final numbers per
 method, for `dvc metrics`), plots/curves.png, plots/frontier.png (acquisition vs retention, one
 point per method), deltas/<method>/ (an SMF update as a sparse delta: row ids + rows) and
-params.resolved.yaml.
+params.resolved.yaml. Each method's result is kept in .<out>.parts/ as soon as it finishes, so a
+killed run restarts at the first unfinished method (same params, model and facts).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -58,14 +62,28 @@ def run_method(run: MethodRun, args, p: ContinualParams, facts, known, ppl_block
         updater = make_updater(run.method, model, dict(run.params), backgrounds=backgrounds)
     except ValueError as exc:
         raise ConfigError(f"continual.methods[{run.name}]: {exc}") from None
-    curve = run_stream(updater, lambda: updater.model, tokenizer, facts, known, ppl_blocks, p, device, run.name)
+    rows_per_fact: list[int] = []
+    curve = run_stream(updater, lambda: updater.model, tokenizer, facts, known, ppl_blocks, p, device, run.name, rows_per_fact)
     result = {"method": run.method, "params": dict(run.params), "curve": curve}
     delta = None
     if base is not None:
         delta = extract_delta(base, model.cpu(), meta={"method": run.name, "base_checkpoint_hash": model_hash(args.model)})
         result["delta_rows"] = delta.n_rows
         result["delta_bytes"] = delta.nbytes
+        # One fact's update as its own delta (row ids + new rows): the issue's "< 1% of the checkpoint".
+        dim = next(iter(delta.pools.values())).new.shape[1] if delta.pools else 0
+        per_fact = [r * (8 + dim * 4) for r in rows_per_fact]
+        ckpt = checkpoint_bytes(args.model)
+        result["delta_per_fact"] = {"rows_mean": sum(rows_per_fact) / max(len(rows_per_fact), 1),
+                                    "bytes_mean": sum(per_fact) / max(len(per_fact), 1), "bytes_max": max(per_fact, default=0),
+                                    "checkpoint_bytes": ckpt, "fraction_max": max(per_fact, default=0) / ckpt if ckpt else None,
+                                    "cumulative_fraction": delta.nbytes / ckpt if ckpt else None}
     return result, (updater.model, tokenizer, delta)
+
+
+def checkpoint_bytes(model_dir: str) -> int:
+    """Size on disk of a checkpoint directory (all its files)."""
+    return sum(f.stat().st_size for f in Path(model_dir).rglob("*") if f.is_file())
 
 
 def final_tasks(model, tokenizer, data_dir: Path, p: ContinualParams, device) -> dict:
@@ -129,20 +147,35 @@ def main(argv: list[str] | None = None) -> int:
     log.info("start: %d/%d screened questions known, held-out ppl %.2f", len(known), len(qa), start["heldout_ppl"])
     del start_model
 
+    # Each finished method is kept in a sibling folder until the stage publishes: a killed run
+    # (a time limit, a preempted GPU) restarts at the first method it had not finished.
+    parts = Path(args.out).with_name(f".{Path(args.out).name}.parts")
+    common = {"continual": {k: v for k, v in dataclasses.asdict(p).items() if k != "methods"},
+              "model": model_hash(args.model), "facts": [f["id"] for f in facts]}
     with staged_dir(args.out) as tmp:
         results = {}
         for run in p.methods:
-            t0 = time.perf_counter()
-            result, (model, tok, delta) = run_method(run, args, p, facts, known, ppl_blocks, backgrounds, device)
-            result["final_tasks"] = final_tasks(model, tok, data, p, device)
-            result["seconds"] = time.perf_counter() - t0
-            if delta is not None and p.save_deltas:
-                save_delta(delta, tmp / "deltas" / run.name)
+            key = hashlib.sha256(json.dumps({**common, "run": dataclasses.asdict(run)}, sort_keys=True, default=str).encode()).hexdigest()
+            done = parts / run.name
+            if (done / "result.json").is_file() and json.loads((done / "result.json").read_text()).get("key") == key:
+                result = json.loads((done / "result.json").read_text())["result"]
+                log.info("%s: finished in an earlier run (%s), reused", run.name, done)
+            else:
+                t0 = time.perf_counter()
+                result, (model, tok, delta) = run_method(run, args, p, facts, known, ppl_blocks, backgrounds, device)
+                result["final_tasks"] = final_tasks(model, tok, data, p, device)
+                result["seconds"] = time.perf_counter() - t0
+                del model
+                with staged_dir(done) as part:
+                    if delta is not None and p.save_deltas:
+                        save_delta(delta, part / "delta")
+                    (part / "result.json").write_text(json.dumps({"key": key, "result": result}))
+            if (done / "delta").is_dir():
+                shutil.copytree(done / "delta", tmp / "deltas" / run.name)
             results[run.name] = result
             log.info("%s: learned %d/%d, known kept %d/%d, held-out ppl %.2f (%.0f s)", run.name,
                      result["curve"][-1]["learned"], len(facts), result["curve"][-1]["known_kept"], len(known),
                      result["curve"][-1]["heldout_ppl"], result["seconds"])
-            del model
         summary = summarize(results, start)
         (tmp / "curves.json").write_text(json.dumps({"start": start, "methods": results}, indent=1))
         (tmp / "metrics.json").write_text(json.dumps({"start": {k: v for k, v in start.items() if k != "final_tasks"}, **summary}, indent=2))
@@ -151,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         plot_curves(results, tmp / "plots" / "curves.png")
         plot_frontier(summary, tmp / "plots" / "frontier.png")
         (tmp / "params.resolved.yaml").write_text(to_yaml(params))
+    shutil.rmtree(parts, ignore_errors=True)
     for name, s in summary.items():
         log.info("%-12s learned %s/%s  known_drop %s  ppl_rise %s", name, s["learned"], s["n_facts"], s["known_drop"], s["heldout_ppl_rise"])
     return 0

@@ -101,6 +101,49 @@ def test_all_methods_run_on_one_stream_and_smf_saves_a_revertible_delta(setup):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     full = load_file(root / "model" / "model.safetensors")
     assert delta.nbytes < 0.5 * sum(t.numel() * t.element_size() for t in full.values())
+    # One fact's update: at most steps x top_t rows of the one pool (row id + a 64-wide fp32 row each).
+    per_fact = metrics_of(out)["smf_tfidf"]
+    assert 0 < per_fact["rows_mean"] <= 2 * 8 and per_fact["bytes_max"] <= 2 * 8 * (8 + 64 * 4)
+    assert per_fact["fraction_max"] == per_fact["bytes_max"] / per_fact["checkpoint_bytes"]
+    assert not (out.parent / f".{out.name}.parts").exists()  # removed once the stage published
+
+
+def metrics_of(out: Path) -> dict:
+    curves = json.loads((out / "curves.json").read_text())["methods"]
+    return {name: r["delta_per_fact"] for name, r in curves.items() if "delta_per_fact" in r}
+
+
+def test_a_killed_run_resumes_at_the_first_unfinished_method(setup, tmp_path, monkeypatch):
+    root, params = setup
+    text = params.read_text()
+    two = text[: text.index("    - {name: smf_kl")] + "    - {name: full_ft, method: full, params: {lr: 0.0001}}\n"
+    (tmp_path / "p.yaml").write_text(two)
+    out = tmp_path / "out"
+    args = ["--params", str(tmp_path / "p.yaml"), "--model", str(root / "model"), "--data", str(root / "data"),
+            "--stats", str(root / "stats"), "--out", str(out)]
+    calls = []
+    real = continual_component.run_method
+
+    def dies_on_full_ft(run, *a, **k):
+        calls.append(run.name)
+        if run.name == "full_ft" and len(calls) == 2:
+            raise KeyboardInterrupt  # the first attempt is "killed" in its second method
+        return real(run, *a, **k)
+
+    monkeypatch.setattr(continual_component, "run_method", dies_on_full_ft)
+    with pytest.raises(KeyboardInterrupt):
+        continual_component.main(args)
+    assert not out.exists() and (tmp_path / ".out.parts" / "smf_tfidf" / "result.json").is_file()
+    assert continual_component.main(args) == 0
+    assert calls == ["smf_tfidf", "full_ft", "full_ft"]  # smf_tfidf was not run again
+    curves = json.loads((out / "curves.json").read_text())["methods"]
+    assert set(curves) == {"smf_tfidf", "full_ft"} and (out / "deltas" / "smf_tfidf" / "delta.json").is_file()
+    # a changed method is not reused
+    (tmp_path / "p.yaml").write_text(two.replace("lr: 0.01}", "lr: 0.02}"))
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        continual_component.main(args)
+    assert calls == ["smf_tfidf", "full_ft"]
 
 
 def test_a_table_from_another_model_is_refused(setup, tmp_path, smol_tokenizer):

@@ -108,15 +108,24 @@ def measure(model, tokenizer, seen: list[dict], known: list[dict], ppl_blocks: t
 
 
 def run_stream(updater, model_for_eval: Callable[[], torch.nn.Module], tokenizer, facts: list[dict], known: list[dict],
-               ppl_blocks: torch.Tensor, p: ContinualParams, device, label: str) -> list[dict]:
-    """Stream the facts through the updater; return the curve (one point per measurement)."""
+               ppl_blocks: torch.Tensor, p: ContinualParams, device, label: str,
+               rows_per_fact: list[int] | None = None) -> list[dict]:
+    """Stream the facts through the updater; return the curve (one point per measurement).
+
+    rows_per_fact: if given (and the updater reports "selected" rows, as SMF does), gets one entry
+    per fact: the value rows that fact's update touched, summed over pools (the size of its delta)."""
     curve = [{"facts_seen": 0, **measure(model_for_eval(), tokenizer, [], known, ppl_blocks, p.batch_size), "seconds": 0.0}]
     t0 = time.perf_counter()
     for n, fact in enumerate(tqdm(facts, desc=label), 1):
         batch = {k: v.to(device) for k, v in fact_batch(fact, tokenizer, p.include_statement, p.max_len).items()}
         model_for_eval().train()
+        touched: dict = {}
         for _ in range(p.steps_per_fact):
             last = updater.step(batch)
+            for pool, ids in last.get("selected", {}).items():
+                touched.setdefault(pool, set()).update(ids.tolist())
+        if rows_per_fact is not None and touched:
+            rows_per_fact.append(sum(len(v) for v in touched.values()))
         if n % p.eval_every == 0 or n == len(facts):
             point = measure(model_for_eval(), tokenizer, facts[:n], known, ppl_blocks, p.batch_size)
             curve.append({"facts_seen": n, **point, "last_loss": float(last["loss"]), "seconds": time.perf_counter() - t0})
