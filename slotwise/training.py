@@ -174,6 +174,11 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
         if p.max_minutes is not None and not stop and time.perf_counter() - t_start > 60 * p.max_minutes:
             stop = True
             record["stopped_at_time_budget"] = step + 1
+            if "eval_loss" not in entry:  # the last steps count too: evaluate them before keeping the best
+                entry["eval_loss"] = ev = eval_loss(model, eval_batches)
+                if ev < record["best_eval_loss"]:
+                    record.update(best_eval_loss=ev, best_step=step + 1, evals_without_improvement=0)
+                    best_state = _trainable_state(model, names)
             log.info("stopping at step %d: the time budget of %.1f minutes is spent", step + 1, p.max_minutes)
         if stop:
             record["stopped_early_at"] = step + 1

@@ -74,6 +74,20 @@ def test_heal_trains_only_the_memory(tmp_path, retrofit_dir, data_dir):
     assert summary["memory"]["heldout_ppl_memory_off"] > 1
 
 
+def test_time_budget_stops_the_heal_and_keeps_the_best_weights(tmp_path, retrofit_dir, data_dir):
+    # max_minutes 0: the budget is spent after the first step; the run stops there, cleanly.
+    params = _params(tmp_path, 50)
+    out = tmp_path / "out"
+    assert train_component.main(_args(params, retrofit_dir, data_dir, out, "train.loop.max_minutes=0")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_at_time_budget"] == 1 and len([h for h in summary_history(out) if "lm_loss" in h]) == 1
+    assert "eval_loss" in summary_history(out)[-1]  # the step it stopped at was evaluated
+
+
+def summary_history(out: Path) -> list[dict]:
+    return json.loads((out / "history.json").read_text())
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path, retrofit_dir, data_dir):
     steps = 200
     params = _params(tmp_path, steps)
