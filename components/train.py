@@ -15,6 +15,7 @@ Killed at any point and rerun with the same --state, it resumes and ends with th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from slotwise.checkpoint import load_checkpoint, read_retrofit_config, save_checkpoint
+from slotwise.checkpoint import load_checkpoint, model_hash, read_retrofit_config, save_checkpoint, sha256_file
 from slotwise.cli_utils import component_parser, resolve_device, run_cli
 from slotwise.config import ConfigError, Params, load_params, to_yaml
 from slotwise.diagnostics import memory_report, perplexity
@@ -126,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     base_ppl = perplexity(model, [b.to(device) for b in eval_blocks])
     # Pretraining trains every weight; heal and SFT train what train.loop.trainable says.
     loop = dataclasses.replace(t.loop, trainable="all") if t.mode == "pretrain" else t.loop
-    record = train(model, batch_at, eval_batches, loop, state, device=device)
+    # A state from a run with other params, another starting model or other data is not resumed.
+    inputs = [data / "background/heldout.jsonl", Path(t.sft_data) if t.mode == "sft" else data / "background/train.jsonl"]
+    fingerprint = hashlib.sha256(json.dumps({"train": to_yaml(t), "model": model_hash(args.model) if t.mode != "pretrain" else None,
+                                             "data": [sha256_file(f) for f in inputs]}, sort_keys=True).encode()).hexdigest()
+    record = train(model, batch_at, eval_batches, loop, state, device=device, fingerprint=fingerprint)
     summary = {"mode": t.mode, "device": str(device), "initial_eval_ppl": base_ppl, **{k: v for k, v in record.items() if k != "history"}}
     if memory_layers(model):
         stats_blocks = pack_blocks(read_texts(data / "background/stats.jsonl"), tokenizer, t.seq_len)

@@ -98,11 +98,12 @@ def _set_rng_state(s: dict) -> None:
 
 
 def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p: LoopParams, state_dir: str | Path,
-          device: torch.device | str = "cpu", progress: bool = True) -> dict:
+          device: torch.device | str = "cpu", progress: bool = True, fingerprint: str | None = None) -> dict:
     """Train in place for p.max_steps (resuming from state_dir if it holds a state); return the record.
 
     On return the model holds the best weights seen on eval_batches (early stopping), and the record
-    has the history, the best step and the time per step.
+    has the history, the best step and the time per step. fingerprint: what the run is (params,
+    starting model, data); a state written under another fingerprint is discarded, not resumed.
     """
     state_dir = Path(state_dir)
     groups = trainable_groups(model, p.trainable)
@@ -116,8 +117,12 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
     random.seed(p.seed)
     record = {"history": [], "best_step": 0, "best_eval_loss": None, "evals_without_improvement": 0, "step": 0}
     best_state = None
-    if (state_dir / "trainer.pt").is_file():
-        ckpt = torch.load(state_dir / "trainer.pt", weights_only=False)
+    ckpt = torch.load(state_dir / "trainer.pt", weights_only=False) if (state_dir / "trainer.pt").is_file() else None
+    if ckpt is not None and fingerprint is not None and ckpt.get("fingerprint") != fingerprint:
+        log.warning("%s holds the state of another run (other params, model or data); starting over", state_dir)
+        clear_state(state_dir)
+        ckpt = None
+    if ckpt is not None:
         _load_trainable(model, load_file(state_dir / "trainable.safetensors"))
         for k, o in opts.items():
             o.load_state_dict(ckpt["optimizers"][k])
@@ -135,7 +140,7 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
                 save_file(best_state, tmp / "best.safetensors")
             torch.save({"optimizers": {k: o.state_dict() for k, o in opts.items()},
                         "schedulers": {k: s.state_dict() for k, s in scheds.items()},
-                        "rng": _rng_state(), "record": record}, tmp / "trainer.pt")
+                        "rng": _rng_state(), "record": record, "fingerprint": fingerprint}, tmp / "trainer.pt")
 
     if record["step"] == 0 and not record["history"]:
         record["best_eval_loss"] = eval_loss(model, eval_batches)

@@ -88,6 +88,20 @@ def summary_history(out: Path) -> list[dict]:
     return json.loads((out / "history.json").read_text())
 
 
+def test_a_state_from_other_params_is_not_resumed(tmp_path, retrofit_dir, data_dir):
+    # dvc keeps train_state between runs (persist: true); after a params change the old, finished
+    # state must not be resumed (it would hand back the old model).
+    params = _params(tmp_path, 6)
+    state = tmp_path / "state"
+    assert train_component.main(_args(params, retrofit_dir, data_dir, tmp_path / "a", "--state", str(state))) == 0
+    new = "train.loop.optim.lr_values=0.05"
+    assert train_component.main(_args(params, retrofit_dir, data_dir, tmp_path / "b", "--state", str(state), new)) == 0
+    assert train_component.main(_args(params, retrofit_dir, data_dir, tmp_path / "ref", "--state", str(tmp_path / "s2"), new)) == 0
+    a, b, ref = (load_file(tmp_path / d / "model.safetensors") for d in ("a", "b", "ref"))
+    assert all(torch.equal(b[k], ref[k]) for k in ref)
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path, retrofit_dir, data_dir):
     steps = 200
     params = _params(tmp_path, steps)
