@@ -27,7 +27,7 @@ import torch
 from slotwise.checkpoint import load_checkpoint, model_hash, staged_dir
 from slotwise.cli_utils import component_parser, run_cli
 from slotwise.config import ConfigError, load_params, to_yaml
-from slotwise.continual.delta import extract_delta, save_delta
+from slotwise.continual.delta import delta_nbytes, extract_delta, save_delta
 from slotwise.continual.experiment import ContinualParams, MethodRun, measure, relative_drop, run_stream, screen_known
 from slotwise.continual.selection import Background
 from slotwise.continual.updaters import make_updater
@@ -71,8 +71,8 @@ def run_method(run: MethodRun, args, p: ContinualParams, facts, known, ppl_block
         result["delta_rows"] = delta.n_rows
         result["delta_bytes"] = delta.nbytes
         # One fact's update as its own delta (row ids + new rows): the "< 1% of the checkpoint".
-        dim = next(iter(delta.pools.values())).new.shape[1] if delta.pools else 0
-        per_fact = [r * (8 + dim * 4) for r in rows_per_fact]
+        new = next(iter(delta.pools.values())).new if delta.pools else torch.empty(0, 0)
+        per_fact = [delta_nbytes(r, new.shape[1], new.element_size()) for r in rows_per_fact]
         ckpt = checkpoint_bytes(args.model)
         result["delta_per_fact"] = {"rows_mean": sum(rows_per_fact) / max(len(rows_per_fact), 1),
                                     "bytes_mean": sum(per_fact) / max(len(per_fact), 1), "bytes_max": max(per_fact, default=0),
@@ -157,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         for run in p.methods:
             key = hashlib.sha256(json.dumps({**common, "run": dataclasses.asdict(run)}, sort_keys=True, default=str).encode()).hexdigest()
             done = parts / run.name
-            if (done / "result.json").is_file() and json.loads((done / "result.json").read_text()).get("key") == key:
-                result = json.loads((done / "result.json").read_text())["result"]
+            kept = json.loads((done / "result.json").read_text()) if (done / "result.json").is_file() else {}
+            if kept.get("key") == key:
+                result = kept["result"]
                 log.info("%s: finished in an earlier run (%s), reused", run.name, done)
             else:
                 t0 = time.perf_counter()

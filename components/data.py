@@ -55,10 +55,16 @@ def split_background(docs: list[dict], p: DataParams) -> dict[str, list[dict]]:
 
 def mark_known(facts: list[Fact], model_source: str, batch_size: int) -> None:
     """Greedy-answer each probe with the base model; a fact is known if the answer matches exactly."""
-    from slotwise.generation import greedy_answers
     from slotwise.models import load_base_model
 
     model, tokenizer = load_base_model(model_source)
+    mark_known_with(facts, model, tokenizer, batch_size)
+
+
+def mark_known_with(facts: list[Fact], model, tokenizer, batch_size: int) -> None:
+    """mark_known with a model already loaded (scripts/mark_known.py: a checkpoint on a GPU)."""
+    from slotwise.generation import greedy_answers
+
     answers = greedy_answers(model, tokenizer, [f.probe for f in facts], batch_size=batch_size, progress="mark known facts")
     for fact, answer in zip(facts, answers):
         fact.known = bool(exact_match(answer, fact.answers))

@@ -20,7 +20,6 @@ atomically; a failing gate is a result (exit 0), not an error.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ from slotwise.checkpoint import CheckpointError, load_checkpoint, staged_dir
 from slotwise.cli_utils import component_parser, resolve_device, run_cli
 from slotwise.components.update import fact_files, read_facts, served_delta_dir
 from slotwise.config import NightlyParams, load_params, to_yaml
-from slotwise.continual.delta import DeltaError, apply_delta, load_delta, revert_delta
+from slotwise.continual.delta import DeltaError, apply_delta, load_delta, revert_delta, with_old_rows
 from slotwise.continual.experiment import qa_score, relative_drop, screen_known
 from slotwise.evaluation.perplexity import blocks_nll, token_blocks
 from slotwise.sources import read_jsonl
@@ -126,14 +125,13 @@ def run(args) -> int:
     current_dir = served_delta_dir(args.current)
     current = load_delta(current_dir) if current_dir is not None else None
     candidate = load_delta(args.candidate)
-    base = copy.deepcopy(model) if current is not None else None  # deltas keep new rows only: revert reads the base
     if current is not None:
+        current = with_old_rows(current, model, verify=False)  # the base's rows, to revert; apply_delta checks the hash
         apply_delta(model, current)
     probes = Probes(model, tokenizer, n, Path(args.data), new_facts, device)
     before = probes.measure(model, tokenizer)
     if current is not None:
-        revert_delta(model, current, base=base)
-        del base
+        revert_delta(model, current)
     apply_delta(model, candidate)  # verifies the candidate was made on this base checkpoint
     after = probes.measure(model, tokenizer)
     passed, drops, reasons = decide(before, after, n.max_retention_drop)

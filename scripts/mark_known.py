@@ -8,6 +8,7 @@ is one; rewrites facts.jsonl in place (temp file, then rename), like the data st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -15,8 +16,8 @@ from pathlib import Path
 import torch
 
 from slotwise.checkpoint import load_checkpoint
-from slotwise.generation import greedy_answers
-from slotwise.qa_metrics import exact_match
+from slotwise.components.data import mark_known_with
+from slotwise.facts import Fact
 from slotwise.sources import read_jsonl
 
 
@@ -26,17 +27,14 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args()
-    rows = [r for _, r in read_jsonl(Path(args.facts))]
+    facts = [Fact(**r) for _, r in read_jsonl(Path(args.facts))]
     model, tokenizer = load_checkpoint(args.model)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    answers = greedy_answers(model, tokenizer, [r["probe"] for r in rows], batch_size=args.batch_size, progress="mark known facts")
-    for r, a in zip(rows, answers):
-        r["known"] = bool(exact_match(a, r["answers"]))
-        r.setdefault("extra", {})["base_answer"] = a
+    mark_known_with(facts, model, tokenizer, args.batch_size)  # the data stage's own rule
     tmp = Path(args.facts).with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.write_text("".join(json.dumps(dataclasses.asdict(f)) + "\n" for f in facts))
     os.replace(tmp, args.facts)
-    print(f"{args.facts}: {sum(r['known'] for r in rows)} of {len(rows)} facts known")
+    print(f"{args.facts}: {sum(f.known for f in facts)} of {len(facts)} facts known")
 
 
 if __name__ == "__main__":

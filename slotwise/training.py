@@ -164,7 +164,8 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
         record["step"] = step + 1
         steps_here += 1
         entry = {"step": step + 1, **stats}
-        if (step + 1) % p.eval_every == 0 or step + 1 == p.max_steps:
+        out_of_time = p.max_minutes is not None and time.perf_counter() - t_start > 60 * p.max_minutes
+        if (step + 1) % p.eval_every == 0 or step + 1 == p.max_steps or out_of_time:  # the last steps count too
             ev = eval_loss(model, eval_batches)
             entry["eval_loss"] = ev
             if ev < record["best_eval_loss"]:
@@ -176,14 +177,9 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
         bar.update(1)
         bar.set_postfix(loss=f"{stats['lm_loss']:.3f}", **({"eval": f"{entry['eval_loss']:.3f}"} if "eval_loss" in entry else {}))
         stop = p.early_stop_patience is not None and record["evals_without_improvement"] >= p.early_stop_patience
-        if p.max_minutes is not None and not stop and time.perf_counter() - t_start > 60 * p.max_minutes:
+        if out_of_time:
             stop = True
             record["stopped_at_time_budget"] = step + 1
-            if "eval_loss" not in entry:  # the last steps count too: evaluate them before keeping the best
-                entry["eval_loss"] = ev = eval_loss(model, eval_batches)
-                if ev < record["best_eval_loss"]:
-                    record.update(best_eval_loss=ev, best_step=step + 1, evals_without_improvement=0)
-                    best_state = _trainable_state(model, names)
             log.info("stopping at step %d: the time budget of %.1f minutes is spent", step + 1, p.max_minutes)
         if stop:
             record["stopped_early_at"] = step + 1
@@ -191,7 +187,8 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
         if (step + 1) % p.save_every == 0 or record["step"] >= p.max_steps:
             save_state()
         if stop:
-            log.info("early stop at step %d: held-out loss has not improved for %d evals", step + 1, p.early_stop_patience)
+            if not out_of_time:
+                log.info("early stop at step %d: held-out loss has not improved for %d evals", step + 1, p.early_stop_patience)
             break
     bar.close()
     if steps_here:

@@ -124,20 +124,22 @@ def extract_delta(base_model: nn.Module, updated_model: nn.Module, meta: dict | 
     return SparseDelta(state_hash(base_model), state_hash(updated_model), pools, dict(meta or {}))
 
 
-def _write_rows(model: nn.Module, delta: SparseDelta, expect: str, verify: bool, base: nn.Module | None = None) -> None:
-    """Shared by apply (expect 'base') and revert (expect 'new')."""
+def with_old_rows(delta: SparseDelta, base: nn.Module, verify: bool = True) -> SparseDelta:
+    """The same delta with its old rows filled in from `base`, the model it was made from; after
+    this it reverts on its own. verify: refuse a base whose state_hash is not delta.base_hash."""
+    if verify and (have := state_hash(base)) != delta.base_hash:
+        raise DeltaError(f"base model state {have[:12]} is not the delta's base ({delta.base_hash[:12]})")
+    base_pools = {p.name: p.weight.detach() for p in value_pools(base)}
+    pools = {name: pd if pd.old is not None else
+             PoolDelta(pd.rows, pd.new, base_pools[name][pd.rows.to(base_pools[name].device)].cpu().clone(), pd.n_slots)
+             for name, pd in delta.pools.items()}
+    return SparseDelta(delta.base_hash, delta.new_hash, pools, delta.meta)
+
+
+def _write_rows(model: nn.Module, delta: SparseDelta, expect: str, verify: bool) -> None:
+    """Shared by apply (expect 'base') and revert (expect 'new': every pool must have old rows)."""
     want = delta.base_hash if expect == "base" else delta.new_hash
     pools = {p.name: p for p in value_pools(model)}
-    base_rows = {}
-    if expect == "new" and any(pd.old is None for pd in delta.pools.values()):
-        if base is None:
-            raise DeltaError("this delta stores new rows only; revert it with base=<the base model> "
-                             "(or extract it with keep_old=True)")
-        if verify and state_hash(base) != delta.base_hash:
-            raise DeltaError(f"base model state {state_hash(base)[:12]} is not the delta's base ({delta.base_hash[:12]})")
-        base_pools = {p.name: p for p in value_pools(base)}
-        base_rows = {name: base_pools[name].weight.detach()[pd.rows.to(base_pools[name].weight.device)].cpu()
-                     for name, pd in delta.pools.items() if pd.old is None}
     for name, pd in delta.pools.items():
         if name not in pools:
             raise DeltaError(f"delta names value pool {name!r}, the model has {sorted(pools)}")
@@ -154,8 +156,7 @@ def _write_rows(model: nn.Module, delta: SparseDelta, expect: str, verify: bool,
     with torch.no_grad():
         for name, pd in delta.pools.items():
             w = pools[name].weight
-            old = pd.old if pd.old is not None else base_rows.get(name)
-            src, dst = (old, pd.new) if expect == "base" else (pd.new, old)
+            src, dst = (pd.old, pd.new) if expect == "base" else (pd.new, pd.old)
             rows = pd.rows.to(w.device)
             if src is not None and not torch.equal(_bytes(w[rows]), _bytes(src)):
                 raise DeltaError(f"{name}: the rows the delta replaces are not the rows it was made from; wrong model")
@@ -173,7 +174,12 @@ def revert_delta(model: nn.Module, delta: SparseDelta, verify: bool = True, base
     """In place: W[R] = old, on the model the delta produced (state_hash == delta.new_hash).
 
     A delta without old rows reads them from `base`, the model it was made from (checked by hash)."""
-    _write_rows(model, delta, "new", verify, base)
+    if any(pd.old is None for pd in delta.pools.values()):
+        if base is None:
+            raise DeltaError("this delta stores new rows only; revert it with base=<the base model> "
+                             "(or extract it with keep_old=True)")
+        delta = with_old_rows(delta, base, verify)
+    _write_rows(model, delta, "new", verify)
     return model
 
 
