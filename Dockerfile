@@ -34,6 +34,7 @@ COPY slotwise/ slotwise/
 COPY kernels/ kernels/
 COPY components/ components/
 COPY flows/ flows/
+COPY data/ data/
 RUN bash scripts/setup_env.sh
 RUN /opt/slotwise/bin/slotwise --help
 

@@ -53,7 +53,7 @@ def required_files(p: EvaluateParams, data_dir: Path) -> list[Path]:
 
 def drop_skipped_tasks(p: EvaluateParams, data_dir: Path) -> EvaluateParams:
     """Tasks the data stage could not source (listed under "skipped" in its manifest) are left out
-    with a warning: e.g. LAMBADA and GSM8K come only from data.local_dir."""
+    with a warning (e.g. a task no configured source has)."""
     manifest = data_dir / "manifest.json"
     skipped = json.loads(manifest.read_text()).get("skipped", {}) if manifest.is_file() else {}
     for task in [t for t in p.tasks if t in skipped]:

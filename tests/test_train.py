@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SHARED_DATA, small_llama, tiny_retrofit_cfg
+from conftest import REPO_DATA, small_llama, tiny_retrofit_cfg
 from slotwise.checkpoint import load_checkpoint, save_checkpoint
 from slotwise.components import train as train_component
 from slotwise.retrofit import retrofit
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """background/{train,heldout,stats}.jsonl from real WikiText-2 articles."""
-    docs = [d["text"][:3000] for d in _local(SHARED_DATA, "wikitext2")]
+    docs = [d["text"][:3000] for d in _local(REPO_DATA, "wikitext2")]
     root = tmp_path_factory.mktemp("data")
     (root / "background").mkdir()
     for name, part in (("heldout", docs[:3]), ("stats", docs[3:6]), ("train", docs[6:30])):
@@ -44,7 +44,7 @@ def retrofit_dir(tmp_path_factory, smol_tokenizer):
 def _params(tmp_path: Path, steps: int, extra: str = "") -> Path:
     p = tmp_path / "params.yaml"
     p.write_text(f"""
-data: {{sources: [local], local_dir: {SHARED_DATA}}}
+data: {{sources: [local], local_dir: {REPO_DATA}}}
 train:
   seq_len: 32
   batch_size: 2
@@ -138,7 +138,7 @@ def test_sft_puts_the_loss_on_answers_only(smol_tokenizer):
 
 
 def test_sft_mode_trains_on_gsm8k(tmp_path, retrofit_dir, data_dir):
-    params = _params(tmp_path, 3, f"  mode: sft\n  sft_data: {SHARED_DATA}/sft/gsm8k.train.jsonl\n  sft_max_examples: 20\n  seq_len: 64\n")
+    params = _params(tmp_path, 3, f"  mode: sft\n  sft_data: {REPO_DATA}/sft/gsm8k.train.jsonl\n  sft_max_examples: 20\n  seq_len: 64\n")
     params.write_text(params.read_text().replace("  seq_len: 32\n", "", 1))
     assert train_component.main(_args(params, retrofit_dir, data_dir, tmp_path / "out")) == 0
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["mode"] == "sft"
