@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from slotwise.evaluation.params import EvaluateParams, check_evaluate_params
+from slotwise.memory import BALANCES
 from slotwise.models import DEFAULT_MODEL
 from slotwise.continual.experiment import ContinualParams
 from slotwise.optim import SCHEDULES
@@ -253,6 +254,8 @@ def _check(params: Params, where: str) -> None:
         raise ConfigError(f"{where}: key 'retrofit.insert.memory.k_dim': expected an even number, got {m.k_dim}")
     if m.knn > m.n_keys:
         raise ConfigError(f"{where}: key 'retrofit.insert.memory.knn': must not exceed n_keys ({m.n_keys}), got {m.knn}")
+    if m.balance not in BALANCES:
+        raise ConfigError(f"{where}: key 'retrofit.insert.memory.balance': expected one of {BALANCES}, got {m.balance!r}")
     s = params.slot_stats
     for key in ("seq_len", "batch_size", "top"):
         if getattr(s, key) <= 0:

@@ -37,6 +37,10 @@ class MemoryConfig:
     sparse_grad: bool = False  # values get sparse gradients (for SparseAdam on ~1M-row pools)
     value_init_std: float | None = None  # None = v_dim ** -0.5
     out_init_std: float = 0.0  # W2 init; 0 makes a retrofit exactly the base model
+    balance: str = "soft"  # sub-key balancing loss in training mode: soft | hard | none (see balance_loss)
+
+
+BALANCES = ("soft", "hard", "none")
 
 
 class MemoryOutput(NamedTuple):
@@ -64,6 +68,8 @@ class ProductKeyMemory(nn.Module):
         super().__init__()
         if cfg.k_dim % 2:
             raise ValueError(f"memory.k_dim must be even (two half-queries), got {cfg.k_dim}")
+        if cfg.balance not in BALANCES:
+            raise ValueError(f"memory.balance must be one of {BALANCES}, got {cfg.balance!r}")
         if cfg.knn > cfg.n_keys:
             raise ValueError(f"memory.knn ({cfg.knn}) must not exceed memory.n_keys ({cfg.n_keys})")
         self.cfg = cfg
@@ -98,17 +104,32 @@ class ProductKeyMemory(nn.Module):
         scores, ids = kernels.pk_topk(self.queries(x), self.keys, self.cfg.knn)  # (T, H, knn) each
         return ids, F.softmax(scores, dim=-1)
 
-    def balance_loss(self, q: torch.Tensor) -> torch.Tensor:
-        """KL(mean_t softmax over sub-keys || uniform), averaged over heads and halves.
+    def balance_loss(self, q: torch.Tensor) -> torch.Tensor | None:
+        """A loss that spreads the reads over the sub-keys (per head and half, averaged), or None.
 
-        Pushes every sub-key to be chosen by some tokens; without it usage collapses onto a few
-        percent of the slots while healing (DESIGN.md, calibration).
+        soft  KL(mean_t softmax over sub-keys || uniform). Cheap, but blind to *hard* collapse:
+              with flat sub-key scores the mean softmax looks uniform while the top-k picks pile
+              onto a few sub-keys (the H100 heal: 0.06 of a possible log(n_keys) while coverage
+              fell to 32%).
+        hard  Switch-Transformer style n * sum_i f_i * P_i, with f_i the fraction of the top-knn
+              picks that went to sub-key i (no gradient) and P_i the mean softmax probability
+              of i: the gradient lowers exactly the sub-keys the hard selection over-uses. 1.0
+              when picks and probabilities are uniform.
         """
+        if self.cfg.balance == "none":
+            return None
         T, H, K = q.shape
         scores = torch.einsum("thsd,hsnd->thsn", q.view(T, H, 2, K // 2).float(), self.keys.float())  # (T, H, 2, n_keys)
         p_mean = scores.softmax(dim=-1).mean(dim=0)  # (H, 2, n_keys)
         n = p_mean.shape[-1]
-        return (p_mean * (p_mean * n).clamp_min(1e-12).log()).sum(-1).mean()
+        if self.cfg.balance == "soft":
+            return (p_mean * (p_mean * n).clamp_min(1e-12).log()).sum(-1).mean()
+        with torch.no_grad():
+            picks = scores.topk(self.cfg.knn, dim=-1).indices  # (T, H, 2, knn)
+            f = torch.zeros_like(p_mean).scatter_add_(-1, picks.permute(1, 2, 0, 3).reshape(H, 2, -1),
+                                                      torch.ones(H, 2, T * self.cfg.knn, device=q.device))
+            f /= T * self.cfg.knn  # (H, 2, n_keys), sums to 1
+        return n * (f * p_mean).sum(-1).mean()
 
     def forward(self, x: torch.Tensor) -> MemoryOutput:
         lead = x.shape[:-1]

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,7 +91,7 @@ def test_shared_pool_is_one_tensor_counted_once():
         ProductKeyMemory(32, 32, MemoryConfig(n_keys=5, heads=2, knn=3, k_dim=8), values=pool)
 
 
-@pytest.mark.parametrize("bad,match", [(dict(k_dim=15), "even"), (dict(knn=9), "must not exceed")])
+@pytest.mark.parametrize("bad,match", [(dict(k_dim=15), "even"), (dict(knn=9), "must not exceed"), (dict(balance="switch"), "balance")])
 def test_bad_memory_config_is_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         ProductKeyMemory(16, 16, MemoryConfig(**{**dict(n_keys=8, heads=2, knn=4, k_dim=16), **bad}))
@@ -111,6 +113,35 @@ def test_balance_loss_is_zero_for_uniform_use_and_positive_for_collapse():
         mem.keys.zero_()
         mem.keys[:, :, 0] = 50.0 * torch.sign(q.mean(0)).view(2, 2, 8)
     assert mem.balance_loss(q) > 0.5 * torch.log(torch.tensor(8.0))
+
+
+def _one_head_half_keys(mem, key_values):
+    """Sub-keys of a 1-head memory with k_dim 2: each half scores q_half * key (a scalar product)."""
+    with torch.no_grad():
+        mem.keys.copy_(torch.tensor(key_values, dtype=torch.float32).view(1, 1, -1, 1).expand(1, 2, -1, 1))
+
+
+def test_hard_balance_is_switch_loss_on_the_top_k_picks():
+    mem = ProductKeyMemory(4, 4, MemoryConfig(n_keys=4, heads=1, knn=1, k_dim=2, query_norm=False, balance="hard"))
+    _one_head_half_keys(mem, [1.0, 2.0, 3.0, 4.0])
+    q = torch.ones(6, 1, 2)  # every token scores [1, 2, 3, 4] in both halves -> all pick sub-key 3
+    e = [math.exp(v) for v in (1.0, 2.0, 3.0, 4.0)]
+    expected = 4 * e[3] / sum(e)  # n * f_3 * P_3 with f = (0, 0, 0, 1): the same in both halves
+    assert mem.balance_loss(q).item() == pytest.approx(expected, rel=1e-6)
+    # Equal scores: P uniform, so n * sum_i f_i / n = 1 whatever the (tied) picks are.
+    _one_head_half_keys(mem, [0.0, 0.0, 0.0, 0.0])
+    assert mem.balance_loss(q).item() == pytest.approx(1.0, rel=1e-6)
+    # Its gradient lowers the over-picked sub-key's score and raises the others'.
+    _one_head_half_keys(mem, [1.0, 2.0, 3.0, 4.0])
+    mem.keys.grad = None
+    mem.balance_loss(q).backward()
+    g = mem.keys.grad[0, 0, :, 0]
+    assert g[3] > 0 and (g[:3] < 0).all()  # gradient descent: key 3 down, the rest up
+
+
+def test_balance_none_gives_no_loss():
+    mem = _layer(balance="none").train()
+    assert mem(torch.randn(5, 24)).balance is None
 
 
 def test_sparse_grad_gives_sparse_value_gradients():
