@@ -5,14 +5,14 @@
 
 --model is a slotwise checkpoint directory with memory layers; --data is the data stage's output
 (background/stats.jsonl is read). Documents are packed into blocks of slot_stats.seq_len tokens,
-batched in order (batch_size blocks per batch; one batch is one "document" of the document
-frequencies, |B| = the number of batches).
+batched in order (batch_size blocks per batch). A "document" of the document frequencies is one
+block (slot_stats.doc_unit=sequence, as Lin et al.) or one batch (doc_unit=batch); |B| counts them.
 
 Writes, atomically, into --out:
     table.safetensors       per value pool (and per layer of a shared pool): counts, df, |B|, model
                             and data hashes (see slotwise.slot_table)
-    summary.json            per table: coverage, effective slots, median df fraction, slots per
-                            batch, top slots; timings
+    summary.json            per table: coverage, effective slots, read df (access-weighted df / |B|),
+                            median df fraction, slots per document, top slots; timings
     plots/usage.csv         rank-frequency points (log-spaced ranks) per table, for `dvc plots`
     plots/df_hist.csv       slots per document-frequency bin per table
     plots/rank_frequency.png, plots/df_hist.png
@@ -56,10 +56,10 @@ def stats_batches(path: Path, tokenizer, p: SlotStatsParams) -> list[torch.Tenso
     return batches
 
 
-def run_slot_stats(model, batches: list[torch.Tensor], meta: dict) -> SlotTable:
+def run_slot_stats(model, batches: list[torch.Tensor], meta: dict, doc_unit: str = "sequence") -> SlotTable:
     if not memory_layers(model):
         raise CheckpointError("the model has no memory layers: nothing to count (retrofit it first: slotwise retrofit)")
-    per_layer, per_pool = collect(model, batches, progress="slot stats")
+    per_layer, per_pool = collect(model, batches, progress="slot stats", doc_unit=doc_unit)
     return from_collect(per_layer, per_pool, pool_groups(model), meta)
 
 
@@ -118,7 +118,7 @@ def write_plots(table: SlotTable, out: Path) -> None:
             ax.loglog([r for r, _ in pts], [p for _, p in pts], label=f"{name} ({table[name].n_slots:,} slots)")
     ax.set_xlabel("slot rank")
     ax.set_ylabel("fraction of accesses")
-    ax.set_title(f"slot usage over {max(s.n_batches for s in map(table.__getitem__, table.names()))} background batches")
+    ax.set_title(f"slot usage over {max(s.n_batches for s in map(table.__getitem__, table.names()))} background documents")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -134,7 +134,7 @@ def write_plots(table: SlotTable, out: Path) -> None:
                align="edge", label=name)
     ax.set_xlabel("document frequency df / |B| (0 = never read)")
     ax.set_ylabel("fraction of slots")
-    ax.set_title("how many background batches read each slot")
+    ax.set_title("how many background documents read each slot")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "df_hist.png", dpi=120)
@@ -164,10 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"model": str(args.model), "model_hash": model_hash(args.model), "data": str(data_file),
             "data_sha256": sha256_file(data_file),
             "params": {"seq_len": p.seq_len, "batch_size": p.batch_size, "max_batches": p.max_batches,
-                       "max_docs": p.max_docs, "dtype": p.dtype}}
+                       "max_docs": p.max_docs, "dtype": p.dtype, "doc_unit": p.doc_unit}}
     batches = stats_batches(data_file, tokenizer, p)
     t0 = time.perf_counter()
-    table = run_slot_stats(model, batches, meta)
+    table = run_slot_stats(model, batches, meta, p.doc_unit)
     seconds = time.perf_counter() - t0
     n_tokens = sum(b.numel() for b in batches)
     summary = {**meta, "device": str(device), "n_batches": len(batches), "n_tokens": n_tokens,
@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         write_plots(table, tmp / "plots")
         (tmp / "params.resolved.yaml").write_text(to_yaml(params))
     for name, s in summary["tables"].items():
-        log.info("%-8s coverage %.3f  effective slots %.3f  median df %.3f  slots/batch %.3f",
-                 name, s["coverage"], s["effective_slots"], s["median_df_fraction"], s["slots_per_batch_fraction"])
+        log.info("%-8s coverage %.3f  effective slots %.3f  read df %.3f  median df %.3f  slots/document %.3f", name,
+                 s["coverage"], s["effective_slots"], s["read_df_fraction"], s["median_df_fraction"], s["slots_per_batch_fraction"])
     log.info("wrote %s (%d batches, %d tokens, %.1f s)", args.out, len(batches), n_tokens, seconds)
     return 0
 

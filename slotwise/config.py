@@ -20,6 +20,7 @@ from slotwise.memory import BALANCES
 from slotwise.models import DEFAULT_MODEL
 from slotwise.continual.experiment import ContinualParams
 from slotwise.optim import SCHEDULES
+from slotwise.slot_stats import DOC_UNITS
 from slotwise.retrofit import MODES, RetrofitConfig
 from slotwise.training import LoopParams
 
@@ -43,7 +44,8 @@ class RetrofitParams:
 class SlotStatsParams:
     """Slot-frequency table over data/background/stats.jsonl (held-out background documents)."""
     seq_len: int = 128
-    batch_size: int = 8  # one batch = one "document" for document frequencies (|B| = batches)
+    batch_size: int = 8
+    doc_unit: str = "sequence"  # a document of the df: one block (sequence) | one batch of blocks
     max_batches: int | None = 200  # None: every full batch
     max_docs: int | None = None  # documents read from stats.jsonl (None: all)
     device: str = "auto"  # auto | cpu | cuda
@@ -267,6 +269,8 @@ def _check(params: Params, where: str) -> None:
         raise ConfigError(f"{where}: key 'slot_stats.device': expected auto | cpu | cuda, got {s.device!r}")
     if s.dtype not in DTYPES:
         raise ConfigError(f"{where}: key 'slot_stats.dtype': expected one of {DTYPES}, got {s.dtype!r}")
+    if s.doc_unit not in DOC_UNITS:
+        raise ConfigError(f"{where}: key 'slot_stats.doc_unit': expected one of {DOC_UNITS}, got {s.doc_unit!r}")
     check_evaluate_params(params.evaluate, where)
     _check_nightly(params.nightly, where)
 

@@ -3,7 +3,8 @@
     matters    held-out perplexity with memory on vs off; the memory branch's output norm
                relative to the FFN's (per layer)
     used       coverage and effective slots over held-out background batches
-    specific   median document frequency as a fraction of |B| (held-out batches, not the heal's own)
+    specific   access-weighted document frequency of the slots read ("read df"), each held-out
+               sequence a document (held-out text, not the heal's own); and the median df
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def memory_report(model, heldout: list[torch.Tensor], stats_batches: list[torch.
     ppl_on = perplexity(model, heldout)
     with memory_disabled(model):
         ppl_off = perplexity(model, heldout)
-    per_layer, per_pool = collect(model, stats_batches, progress="slot usage (held-out)")
+    per_layer, per_pool = collect(model, stats_batches, progress="slot usage (held-out)", doc_unit="sequence")
     norms = memory_norm_ratio(model, heldout[:2])
     return {
         "heldout_ppl_memory_on": ppl_on,

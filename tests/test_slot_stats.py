@@ -118,6 +118,46 @@ def test_shared_pool_merges_layers_and_counts_a_batch_once():
     assert pool.n_batches == 4 and pool.n_tokens == 2 * 4 * 2 * 11
 
 
+@torch.no_grad()
+def recount_per_sequence(model, batches, layers):
+    """Independent recount with every sequence (row of a batch) as its own document."""
+    per_seq = []
+    for batch in batches:
+        with record_lookups(model) as lookups:
+            model(batch)
+        for r in range(batch.shape[0]):
+            per_seq.append({slot for i in layers for slot in lookups[i][0].ids[r].flatten().tolist()})
+    return per_seq
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_sequence_documents_count_each_row_once(shared):
+    model = memory_model(shared=shared)
+    batches = make_batches(3, shape=(4, 7))
+    per_layer, per_pool = collect(model, batches, doc_unit="sequence")
+    by_batch, _ = collect(model, batches)
+    tables = {f"layer{i}": ([i], per_layer[i]) for i in (1, 3)}
+    if shared:
+        tables["shared"] = ([1, 3], per_pool["shared"])
+    for name, (layers, stats) in tables.items():
+        df = torch.zeros(stats.n_slots, dtype=torch.long)
+        for seen in recount_per_sequence(model, batches, layers):
+            for slot in seen:
+                df[slot] += 1
+        assert torch.equal(stats.df, df), name
+        assert stats.n_batches == 12  # |B| = 3 batches x 4 sequences
+    assert torch.equal(per_layer[1].counts, by_batch[1].counts)  # counts do not depend on the unit
+
+
+def test_read_df_is_access_weighted_over_read_slots():
+    # accesses 2, 2, 4, 0, 0; df 1, 2, 3 of |B| = 4 -> (2*1 + 2*2 + 4*3) / (8 * 4) = 18 / 32
+    s = LayerStats(5, torch.tensor([2, 2, 4, 0, 0]), torch.tensor([1, 2, 3, 0, 0]), n_batches=4, n_tokens=2)
+    assert summarize(s)["read_df_fraction"] == pytest.approx(18 / 32)
+    # Two of five slots read, each by every document: the median over all slots says 0, read df says 1.
+    s = LayerStats(5, torch.tensor([5, 5, 0, 0, 0]), torch.tensor([4, 4, 0, 0, 0]), n_batches=4, n_tokens=2)
+    assert summarize(s)["median_df_fraction"] == 0.0 and summarize(s)["read_df_fraction"] == pytest.approx(1.0)
+
+
 def test_summarize_on_hand_made_stats():
     # 5 slots, |B| = 4: accesses 2, 2, 4, 0, 0; read by 1, 2, 3, 0, 0 of the batches
     s = LayerStats(5, torch.tensor([2, 2, 4, 0, 0]), torch.tensor([1, 2, 3, 0, 0]), n_batches=4, n_tokens=2)
@@ -235,13 +275,14 @@ def test_cli_writes_table_summary_and_plots(tmp_path, tokenizer, data_dir, capsy
     from slotwise.checkpoint import sha256_file
     assert table.meta["data_sha256"] == sha256_file(data_dir / "background" / "stats.jsonl")
     s = table.pools["layer0"]
-    assert s.n_batches == 4 and s.n_tokens == 4 * 2 * 16 and int(s.counts.sum()) == 4 * 2 * 16 * 2 * 4
+    assert s.n_batches == 4 * 2  # doc_unit sequence (the default): |B| = 4 batches x 2 sequences
+    assert s.n_tokens == 4 * 2 * 16 and int(s.counts.sum()) == 4 * 2 * 16 * 2 * 4
     # the same numbers as collect over the same blocks
     from slotwise.checkpoint import load_checkpoint
     from slotwise.text_blocks import fixed_batches, pack_blocks
     reloaded, _ = load_checkpoint(ckpt)
     batches = fixed_batches(pack_blocks(TEXTS, tokenizer, 16), 2, 4)
-    per_layer, _ = collect(reloaded, batches)
+    per_layer, _ = collect(reloaded, batches, doc_unit="sequence")
     assert torch.equal(per_layer[0].counts, s.counts) and torch.equal(per_layer[0].df, s.df)
 
     summary = json.loads((out / "summary.json").read_text())
