@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from slotwise.cli_utils import run_cli
+from slotwise.components._cli import run_cli
 
 STAGES = {
     "data": "slotwise.components.data",

@@ -24,29 +24,19 @@ from pathlib import Path
 
 import torch
 
-from slotwise.checkpoint import load_checkpoint, model_hash, staged_dir
-from slotwise.cli_utils import component_parser, run_cli
+from slotwise.atomic import staged_dir
+from slotwise.checkpoint import load_checkpoint, model_hash
+from slotwise.components._cli import component_parser, run_cli
 from slotwise.config import ConfigError, load_params, to_yaml
 from slotwise.continual.delta import delta_nbytes, extract_delta, save_delta
 from slotwise.continual.experiment import ContinualParams, MethodRun, measure, relative_drop, run_stream, screen_known
-from slotwise.continual.selection import Background
+from slotwise.continual.selection import load_backgrounds
 from slotwise.continual.updaters import make_updater
 from slotwise.evaluation.perplexity import token_blocks
 from slotwise.retrofit import memory_layers
 from slotwise.sources import read_jsonl
 
 log = logging.getLogger("slotwise.continual")
-
-
-def backgrounds_from_table(stats_dir: Path | None, model_dir: str) -> dict[int, Background] | None:
-    """SMF's background tables, keyed by each value pool's first layer; refuses another model's table."""
-    if stats_dir is None:
-        return None
-    from slotwise.slot_table import load_table
-
-    table = load_table(stats_dir / "table.safetensors", expect_model_hash=model_hash(model_dir))
-    return {layers[0]: Background(s.counts, s.df, s.n_batches) for name, s in table.pools.items()
-            for layers in [table.pool_layers[name]]}
 
 
 def run_method(run: MethodRun, args, p: ContinualParams, facts, known, ppl_blocks, backgrounds, device) -> tuple[dict, object]:
@@ -133,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(facts) < p.n_facts:
         log.warning("only %d facts available (asked for %d)", len(facts), p.n_facts)
     needs_table = any(m.method == "smf" and m.params.get("score", "tfidf") in ("tfidf", "kl") for m in p.methods)
-    backgrounds = backgrounds_from_table(Path(args.stats) if needs_table else None, args.model)
+    backgrounds = load_backgrounds(args.stats, args.model) if needs_table else None
 
     start_model, tokenizer = load_checkpoint(args.model)
     start_model.to(device)

@@ -20,11 +20,10 @@ import logging
 import random
 from pathlib import Path
 
-from slotwise.checkpoint import sha256_file, staged_dir
-from slotwise.cli_utils import component_parser, run_cli
+from slotwise.atomic import sha256_file, staged_dir
+from slotwise.components._cli import component_parser, run_cli
 from slotwise.config import DataParams, load_params, to_yaml
-from slotwise.facts import Fact, fact_stream
-from slotwise.qa_metrics import exact_match
+from slotwise.facts import Fact, fact_stream, mark_known_with
 from slotwise.sources import DataError, NotAvailable, load
 
 log = logging.getLogger("slotwise.data")
@@ -59,16 +58,6 @@ def mark_known(facts: list[Fact], model_source: str, batch_size: int) -> None:
 
     model, tokenizer = load_base_model(model_source)
     mark_known_with(facts, model, tokenizer, batch_size)
-
-
-def mark_known_with(facts: list[Fact], model, tokenizer, batch_size: int) -> None:
-    """mark_known with a model already loaded (scripts/mark_known.py: a checkpoint on a GPU)."""
-    from slotwise.generation import greedy_answers
-
-    answers = greedy_answers(model, tokenizer, [f.probe for f in facts], batch_size=batch_size, progress="mark known facts")
-    for fact, answer in zip(facts, answers):
-        fact.known = bool(exact_match(answer, fact.answers))
-        fact.extra["base_answer"] = answer
 
 
 def _required(name: str, p: DataParams) -> tuple[list[dict], str]:

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from slotwise.checkpoint import CheckpointError, MANIFEST, RETROFIT_FILE, load_checkpoint, model_hash, staged_dir
-from slotwise.cli_utils import component_parser, resolve_device, run_cli
+from slotwise.atomic import staged_dir
+from slotwise.checkpoint import CheckpointError, MANIFEST, RETROFIT_FILE, load_checkpoint, model_hash
+from slotwise.components._cli import component_parser, resolve_device, run_cli
 from slotwise.config import ConfigError, load_params, write_resolved
 from slotwise.evaluation.facts import fact_acquisition, read_jsonl
 from slotwise.evaluation.memory_switch import memory_disabled, memory_mode

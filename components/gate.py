@@ -22,81 +22,19 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from slotwise import storage
-from slotwise.checkpoint import CheckpointError, load_checkpoint, staged_dir
-from slotwise.cli_utils import component_parser, resolve_device, run_cli
-from slotwise.components.update import fact_files, read_facts, served_delta_dir
+from slotwise.atomic import staged_dir
+from slotwise.checkpoint import CheckpointError, load_checkpoint
+from slotwise.components._cli import component_parser, resolve_device, run_cli
 from slotwise.config import NightlyParams, load_params, to_yaml
 from slotwise.continual.delta import DeltaError, apply_delta, load_delta, revert_delta, with_old_rows
-from slotwise.continual.experiment import qa_score, relative_drop, screen_known
-from slotwise.evaluation.perplexity import blocks_nll, token_blocks
-from slotwise.sources import read_jsonl
+from slotwise.continual.nightly import Probes, decide, fact_files, read_facts, served_delta_dir
 
 log = logging.getLogger("slotwise.gate")
-HELDOUT = Path("background") / "heldout.jsonl"
-TRIVIAQA = Path("tasks") / "triviaqa.jsonl"
-LOWER_IS_BETTER = ("heldout_ppl",)
-INFORMATIONAL = ("new_facts_em",)
-
-
-def decide(current: dict, candidate: dict, max_drop: float) -> tuple[bool, dict, list[str]]:
-    """-> (passed, relative drop per retention metric, reasons for a failure). None-valued metrics are skipped."""
-    drops, reasons = {}, []
-    for key, before in current.items():
-        if key in INFORMATIONAL:
-            continue
-        after = candidate.get(key)
-        if before is not None and (after is None or not math.isfinite(after)):
-            drops[key] = None
-            reasons.append(f"{key} is {after} for the candidate ({before:.4g} for the served model): not measurable, a broken model")
-            continue
-        drop = relative_drop(before, after, higher_is_better=key not in LOWER_IS_BETTER)
-        drops[key] = drop
-        if drop is not None and drop > max_drop:
-            reasons.append(f"{key} dropped {drop:.1%} ({before:.4g} -> {candidate[key]:.4g}; at most {max_drop:.1%} allowed)")
-    return not reasons, drops, reasons
-
-
-class Probes:
-    """What both models are measured on, fixed once (the known set is screened on the served model)."""
-
-    def __init__(self, model, tokenizer, n: NightlyParams, data_dir: Path, new_facts: list[dict], device: torch.device):
-        e = n.eval
-        texts = (r["text"] for _, r in read_jsonl(data_dir / HELDOUT, ("text",)))
-        self.blocks = token_blocks(tokenizer, texts, e.ppl_seq_len, e.ppl_blocks)
-        if len(self.blocks) == 0:
-            raise CheckpointError(f"{data_dir / HELDOUT}: fewer than {e.ppl_seq_len} tokens (nightly.eval.ppl_seq_len)")
-        self.known = []
-        if e.known_screen:
-            qa = [r for _, r in read_jsonl(data_dir / TRIVIAQA, ("question", "answers"))][: e.known_screen]
-            self.known = screen_known(model.to(device), tokenizer, qa, e.batch_size)
-        self.new_facts = [{"probe": f["probe"], "answers": f["answers"]} for f in new_facts]
-        self.tasks = [t for t in e.tasks]
-        self.data_dir, self.p, self.device = data_dir, e, device
-
-    def measure(self, model, tokenizer) -> dict:
-        model.to(self.device).eval()
-        total, count = blocks_nll(model, self.blocks.to(self.device), batch_size=self.p.batch_size)
-        out = {"heldout_ppl": float(torch.tensor(total / count).exp()),
-               "known_em": qa_score(model, tokenizer, self.known, self.p.batch_size)["exact_match"],
-               "new_facts_em": qa_score(model, tokenizer, self.new_facts, self.p.batch_size)["exact_match"]}
-        if self.tasks:
-            from slotwise.evaluation.tasks import rendered_tasks, run_tasks
-
-            with rendered_tasks(self.data_dir / "tasks", tasks=self.tasks) as include:
-                scores = run_tasks(model, tokenizer, self.tasks, include, {t: self.p.task_limit for t in self.tasks},
-                                   batch_size=self.p.batch_size, seed=0)
-            for task, m in scores.items():
-                out[task] = m.get("acc_norm", m.get("acc"))
-        model.cpu()
-        return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import time
 import torch
 
 from slotwise.checkpoint import save_checkpoint
-from slotwise.cli_utils import component_parser, run_cli
+from slotwise.components._cli import component_parser, run_cli
 from slotwise.config import RetrofitParams, load_params, to_yaml
 from slotwise.models import load_base_model
 from slotwise.retrofit import parameter_summary, retrofit

@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-from slotwise.checkpoint import CheckpointError, load_checkpoint, model_hash, sha256_file, staged_dir
-from slotwise.cli_utils import component_parser, resolve_device, run_cli
+from slotwise.atomic import sha256_file, staged_dir
+from slotwise.checkpoint import CheckpointError, load_checkpoint, model_hash
+from slotwise.components._cli import component_parser, resolve_device, run_cli
 from slotwise.config import ConfigError, SlotStatsParams, load_params, to_yaml
 from slotwise.retrofit import memory_layers
 from slotwise.slot_stats import LayerStats, collect, pool_groups, summarize

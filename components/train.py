@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from slotwise.checkpoint import load_checkpoint, model_hash, read_retrofit_config, save_checkpoint, sha256_file
-from slotwise.cli_utils import component_parser, resolve_device, run_cli
+from slotwise.atomic import sha256_file
+from slotwise.checkpoint import load_checkpoint, model_hash, read_retrofit_config, save_checkpoint
+from slotwise.components._cli import component_parser, resolve_device, run_cli
 from slotwise.config import ConfigError, Params, load_params, to_yaml
 from slotwise.diagnostics import memory_report, perplexity
 from slotwise.memory import MemoryConfig

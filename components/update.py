@@ -19,126 +19,20 @@ include_statement, max_facts, device, seed). No facts -> exit 0, nothing written
 """
 from __future__ import annotations
 
-import copy
 import logging
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from slotwise import storage
-from slotwise.checkpoint import CheckpointError, load_checkpoint, model_hash
-from slotwise.cli_utils import component_parser, resolve_device, run_cli
+from slotwise.checkpoint import CheckpointError, model_hash
+from slotwise.components._cli import component_parser, resolve_device, run_cli
 from slotwise.config import NightlyParams, load_params
-from slotwise.continual.delta import META, DeltaError, SparseDelta, apply_delta, extract_delta, load_delta, save_delta, stack
-from slotwise.continual.experiment import fact_batch
-from slotwise.continual.selection import Background
-from slotwise.continual.updaters import make_updater
-from slotwise.retrofit import memory_layers
-from slotwise.sources import DataError, read_jsonl
+from slotwise.continual.delta import DeltaError, save_delta
+from slotwise.continual.nightly import cumulative, fact_files, load_served, read_facts, smf_params, sparse_update
+from slotwise.continual.selection import load_backgrounds
 
 log = logging.getLogger("slotwise.update")
-FACT_FIELDS = ("id", "answers", "paraphrases", "probe")
-
-
-def fact_files(sources: list[str], workdir: Path) -> list[Path]:
-    """Each --facts source (file or folder, local or s3://) -> local *.jsonl files, sorted per source."""
-    files: list[Path] = []
-    for i, src in enumerate(sources):
-        if storage.is_s3(src):
-            uris = [u for u in storage.list_prefix(src) if u.endswith(".jsonl")] or [src]
-            for j, uri in enumerate(uris):  # drop files are plain objects: no sha256 metadata to check
-                files.append(storage.fetch(uri, workdir / f"facts-{i}-{j}", storage.S3Options(require_checksum=False)))
-            continue
-        path = Path(src)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*.jsonl") if not any(part.startswith(".") for part in p.relative_to(path).parts)))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"{src}: no such facts file or folder")
-    return files
-
-
-def read_facts(files: list[Path], include_statement: bool) -> list[dict]:
-    """Every fact of the files, in order; a malformed line raises DataError naming file:line."""
-    need = FACT_FIELDS + (("statement",) if include_statement else ())
-    facts = []
-    for path in files:
-        for lineno, rec in read_jsonl(path, need):
-            if not isinstance(rec["answers"], list) or not rec["answers"] or not isinstance(rec["paraphrases"], list):
-                raise DataError(f"{path}:{lineno}: 'answers' must be a non-empty list and 'paraphrases' a list")
-            facts.append({**rec, "_file": str(path)})
-    return facts
-
-
-def served_delta_dir(path: str | None) -> Path | None:
-    """--deltas -> the delta directory to apply, or None (nothing promoted yet)."""
-    if not path:
-        return None
-    p = Path(path)
-    for cand in (p, p / "current"):
-        if (cand / META).is_file():
-            return cand
-    if not p.exists() or (p.is_dir() and not any(p.iterdir())) or (p / "registry.json").is_file():
-        return None  # no delta yet, an empty folder, or a serving directory with nothing promoted
-    raise DeltaError(f"{path}: not a sparse delta directory (no {META}) nor a serving directory with current/")
-
-
-def backgrounds(stats_dir: Path, model_dir: Path) -> dict[int, Background]:
-    """SMF's background tables keyed by each pool's first layer; refuses another model's table."""
-    from slotwise.slot_table import load_table
-
-    table = load_table(stats_dir / "table.safetensors", expect_model_hash=model_hash(model_dir))
-    return {table.pool_layers[name][0]: Background(s.counts, s.df, s.n_batches) for name, s in table.pools.items()}
-
-
-def smf_params(n: NightlyParams) -> dict:
-    s = n.smf
-    return {"score": s.score, "top_t": s.top_t, "lr": s.lr, "optimizer": s.optimizer, "count_on": s.count_on,
-            "max_df_fraction": s.max_df_fraction, "seed": n.seed}
-
-
-def load_served(model_dir: Path, deltas: str | None):
-    """Base checkpoint + the served delta applied -> (model, tokenizer, served delta or None)."""
-    model, tokenizer = load_checkpoint(model_dir)  # verifies every file against manifest.json
-    if not memory_layers(model):
-        raise CheckpointError(f"{model_dir}: no memory layers; the nightly update needs a retrofitted checkpoint")
-    if tokenizer is None:
-        raise CheckpointError(f"{model_dir}: no tokenizer saved with the checkpoint")
-    served = None
-    delta_dir = served_delta_dir(deltas)
-    if delta_dir is not None:
-        served = load_delta(delta_dir)
-        try:
-            apply_delta(model, served)
-        except DeltaError as exc:
-            raise DeltaError(f"{delta_dir}: the served delta does not apply to {model_dir} ({exc})") from None
-    return model, tokenizer, served
-
-
-def sparse_update(model, tokenizer, facts: list[dict], bgs, n: NightlyParams, device: torch.device) -> tuple[SparseDelta, list[float]]:
-    """SMF over the facts (one batch of paraphrases per fact, steps_per_fact steps) -> (delta vs the start, losses)."""
-    start = copy.deepcopy(model)
-    torch.manual_seed(n.seed)
-    updater = make_updater("smf", model.to(device), smf_params(n), backgrounds=bgs)
-    model.train()
-    losses = []
-    for fact in facts:
-        batch = {k: v.to(device) for k, v in fact_batch(fact, tokenizer, n.include_statement, n.max_len).items()}
-        for _ in range(n.smf.steps_per_fact):
-            losses.append(updater.step(batch)["loss"])
-    model.cpu().eval()
-    return extract_delta(start, model), losses
-
-
-def cumulative(served: SparseDelta | None, new: SparseDelta, meta: dict) -> SparseDelta:
-    """stack(served, new) with a flat history: one meta entry per nightly update."""
-    history = list(served.meta.get("history", [])) if served is not None else []
-    delta = stack(served, new) if served is not None else new
-    delta.meta = {**meta, "updates": len(history) + 1, "history": history + [meta["update"]]}
-    return delta
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,7 +63,7 @@ def run(args) -> int:
         stats_dir = storage.fetch(args.stats, Path(tmp) / "stats")
         device = resolve_device(n.device, "nightly.device")
         model, tokenizer, served = load_served(model_dir, args.deltas)
-        bgs = backgrounds(stats_dir, model_dir) if n.smf.score in ("tfidf", "kl") or n.smf.max_df_fraction is not None else None
+        bgs = load_backgrounds(stats_dir, model_dir) if n.smf.score in ("tfidf", "kl") or n.smf.max_df_fraction is not None else None
         log.info("updating %s%s on %d facts from %d file(s) (SMF %s, top_t %d, %s lr %g, %d steps per fact)", args.model,
                  f" + served delta ({served.meta.get('updates', 1)} update(s))" if served else "", len(facts), len(files),
                  n.smf.score, n.smf.top_t, n.smf.optimizer, n.smf.lr, n.smf.steps_per_fact)

@@ -15,7 +15,8 @@ Steps (each a Prefect task calling a component with paths; the flow only orchest
                registry entry (files consumed, metrics, delta hash, decision and reason)
 
 Nothing new -> nothing happens (and the result says so). Rejected files count as consumed: they are not
-retried the next night (drop them again under a new name to retry). See flows/serving.py for the layout.
+retried the next night (drop them again under a new name to retry). The logic lives in slotwise/continual/
+(nightly.py: update and gate; serving.py: the serving directory's layout, registry and promotion).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from slotwise import storage
-from slotwise.flows import serving
+from slotwise.continual import serving
+from slotwise.continual.nightly import drop_files
 from slotwise.flows.tasks import retry_unless_user_error, run_component
 
 
@@ -40,16 +42,7 @@ from slotwise.flows.tasks import retry_unless_user_error, run_component
 def list_new(drop: str, serve: str) -> list[str]:
     """The drop's *.jsonl files (local paths or s3:// URIs) that no registry entry lists, sorted."""
     seen = serving.consumed(serving.read_registry(serve))
-    if not storage.is_s3(drop):
-        root = Path(drop)
-        if not root.is_dir():
-            return []
-        found = [str(p.resolve()) for p in root.rglob("*.jsonl") if not any(s.startswith(".") for s in p.relative_to(root).parts)]
-    else:
-        prefix = drop.rstrip("/") + "/"
-        found = [u for u in storage.list_prefix(drop) if u.endswith(".jsonl")
-                 and not any(s.startswith(".") for s in u[len(prefix):].split("/"))]
-    return sorted(u for u in found if u not in seen)
+    return [u for u in drop_files(drop) if u not in seen]
 
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 
-from slotwise.cli_utils import USER_ERRORS
+from slotwise.errors import USER_ERRORS
 
 log = logging.getLogger("slotwise.flows")
 

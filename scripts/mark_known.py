@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from slotwise.checkpoint import load_checkpoint
-from slotwise.components.data import mark_known_with
-from slotwise.facts import Fact
+from slotwise.facts import Fact, mark_known_with
 from slotwise.sources import read_jsonl
 
 

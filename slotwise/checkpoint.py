@@ -11,78 +11,21 @@ never sees half of one and a killed save leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_model, save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from slotwise.atomic import sha256_file, staged_dir
+from slotwise.errors import CheckpointError
 from slotwise.retrofit import RetrofitConfig, memory_layers, retrofit
 
 WEIGHTS = "model.safetensors"
 RETROFIT_FILE = "slotwise.json"
 MANIFEST = "manifest.json"
-
-
-class CheckpointError(ValueError):
-    pass
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-@dataclasses.dataclass
-class _Staging:
-    final: Path
-    tmp: Path
-
-
-def atomic_dir(final: str | Path) -> _Staging:
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return _Staging(final, Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent)))
-
-
-def publish_dir(stage: _Staging) -> None:
-    """Swap the staged directory into place (the old one, if any, is removed after the rename)."""
-    # mkdtemp makes a private (0700) directory; published artifacts get ordinary permissions.
-    os.chmod(stage.tmp, 0o755)
-    for p in stage.tmp.rglob("*"):
-        os.chmod(p, 0o755 if p.is_dir() else 0o644)
-    old = None
-    if stage.final.exists():
-        old = stage.final.with_name(f".{stage.final.name}.old-{os.getpid()}")
-        stage.final.rename(old)
-    stage.tmp.rename(stage.final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def staged_dir(final: str | Path) -> Iterator[Path]:
-    """Write a directory atomically: fill the yielded temporary sibling; on success it replaces
-    `final` whole, on any error it is removed and `final` is left as it was."""
-    stage = atomic_dir(final)
-    try:
-        yield stage.tmp
-    except BaseException:
-        shutil.rmtree(stage.tmp, ignore_errors=True)
-        raise
-    publish_dir(stage)
 
 
 def save_checkpoint(

@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from slotwise.errors import ConfigError
 from slotwise.evaluation.params import EvaluateParams, check_evaluate_params
 from slotwise.memory import BALANCES
 from slotwise.models import DEFAULT_MODEL
@@ -25,10 +26,6 @@ from slotwise.retrofit import MODES, RetrofitConfig
 from slotwise.training import LoopParams
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """Bad params: the message is a single line naming file, key and expectation."""
 
 
 @dataclass

@@ -76,3 +76,15 @@ def fact_stream(records: list[dict], source: str, n_paraphrases: int, seed: int)
     """Facts from normalised QA records ({"question", "answers"}), in the given order."""
     rng = random.Random(seed)
     return [make_fact(f"{source}-{i:05d}", source, r["question"], r["answers"], n_paraphrases, rng) for i, r in enumerate(records)]
+
+
+def mark_known_with(facts: list[Fact], model, tokenizer, batch_size: int) -> None:
+    """Greedy-answer each probe with a loaded model; a fact is known if the answer matches exactly
+    (the data stage's rule; scripts/mark_known.py runs it with a checkpoint on a GPU)."""
+    from slotwise.generation import greedy_answers
+    from slotwise.qa_metrics import exact_match
+
+    answers = greedy_answers(model, tokenizer, [f.probe for f in facts], batch_size=batch_size, progress="mark known facts")
+    for fact, answer in zip(facts, answers):
+        fact.known = bool(exact_match(answer, fact.answers))
+        fact.extra["base_answer"] = answer

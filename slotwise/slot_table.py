@@ -30,16 +30,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from slotwise.checkpoint import CheckpointError
+from slotwise.errors import SlotTableError
 from slotwise.slot_stats import LayerStats
 
 FORMAT = 1
 META_KEY = "slotwise"
 TABLE_FILE = "table.safetensors"
-
-
-class SlotTableError(CheckpointError):
-    """A table that is unreadable or was made for another model (one line; the CLIs exit 2)."""
 
 
 @dataclass

@@ -25,12 +25,10 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator
 
+from slotwise.errors import DataError
+
 SOURCES = ("packages", "local", "hub")
 DATASETS = ("triviaqa", "nq_open", "hellaswag", "arc_easy", "arc_challenge", "piqa", "lambada", "gsm8k", "wikipedia", "wikitext2")
-
-
-class DataError(ValueError):
-    """Malformed or missing input data; the message names the file (and line) and what was expected."""
 
 
 class NotAvailable(LookupError):

@@ -49,7 +49,8 @@ import tempfile
 import time
 from pathlib import Path, PurePosixPath
 
-from slotwise.checkpoint import sha256_file
+from slotwise.atomic import sha256_file
+from slotwise.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,6 @@ _VERSION_RE = re.compile(r"^\.v-\d{8}T\d{12}Z-[0-9a-f]{12}$")
 _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
                    "TooManyRequestsException", "RequestTimeout", "InternalError", "ServiceUnavailable"}
 _PROGRESS_BYTES = 64 << 20
-
-
-class StorageError(RuntimeError):
-    """An artifact could not be read or written; the message is one line naming the URI."""
 
 
 @dataclasses.dataclass(frozen=True)

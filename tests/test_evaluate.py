@@ -14,7 +14,7 @@ import torch
 from conftest import small_llama
 
 from slotwise.checkpoint import save_checkpoint
-from slotwise.cli_utils import run_cli
+from slotwise.components._cli import run_cli
 from slotwise.evaluation.facts import fact_acquisition, score_answers
 from slotwise.evaluation.memory_switch import memory_disabled, memory_mode
 from slotwise.evaluation.params import TASKS, EvaluateParams

@@ -24,7 +24,7 @@ from slotwise.config import ConfigError  # noqa: E402
 from slotwise.continual.delta import load_delta  # noqa: E402
 from slotwise.flows import nightly as nightly_mod  # noqa: E402
 from slotwise.flows import pipeline as pipeline_mod  # noqa: E402
-from slotwise.flows import serving  # noqa: E402
+from slotwise.continual import serving  # noqa: E402
 from test_update import BREAK, QA, facts, jsonl, make_world, poison_facts  # noqa: E402
 
 

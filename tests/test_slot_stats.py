@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from conftest import TINY, tiny_model, tiny_retrofit_cfg
 from slotwise.checkpoint import CheckpointError, model_hash, save_checkpoint
-from slotwise.cli_utils import run_cli
+from slotwise.components._cli import run_cli
 from slotwise.memory import MemoryConfig
 from slotwise.retrofit import RetrofitConfig, record_lookups, retrofit
 from slotwise.slot_stats import LayerStats, collect, pool_groups, summarize

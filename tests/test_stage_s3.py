@@ -7,7 +7,7 @@ import pytest
 from conftest import small_llama
 from s3server import s3_bucket, s3_env, s3_server  # noqa: F401  (fixtures)
 from slotwise.checkpoint import save_checkpoint
-from slotwise.cli_utils import run_cli, s3_paths
+from slotwise.components._cli import run_cli, s3_paths
 from slotwise.components import slot_stats as slot_stats_component
 from slotwise.memory import MemoryConfig
 from slotwise.retrofit import RetrofitConfig, retrofit

@@ -19,7 +19,7 @@ import torch
 
 from conftest import SAMPLE_QA, SMALL_MEMORY_CFG, small_llama
 from slotwise.checkpoint import load_checkpoint, model_hash, save_checkpoint
-from slotwise.cli_utils import run_cli
+from slotwise.components._cli import run_cli
 from slotwise.components import gate as gate_component
 from slotwise.components import update as update_component
 from slotwise.continual.delta import apply_delta, load_delta, state_hash

@@ -35,16 +35,13 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from slotwise.checkpoint import sha256_file, staged_dir
+from slotwise.atomic import sha256_file, staged_dir
 from slotwise.continual.pools import value_pools
+from slotwise.errors import DeltaError
 
 WEIGHTS = "delta.safetensors"
 META = "delta.json"
 FORMAT = 1
-
-
-class DeltaError(ValueError):
-    pass
 
 
 @dataclass

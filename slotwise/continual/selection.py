@@ -22,10 +22,13 @@ the "rare rows" whose background document frequency is at most max_df_fraction *
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from slotwise import kernels
+from slotwise.checkpoint import model_hash
+from slotwise.slot_table import TABLE_FILE, load_table
 
 SCORES = ("tfidf", "kl", "tf", "random")
 
@@ -47,6 +50,13 @@ class Background:
     @property
     def n_slots(self) -> int:
         return self.counts.shape[0]
+
+
+def load_backgrounds(stats_dir: str | Path, model_dir: str | Path) -> dict[int, Background]:
+    """The slot_stats stage's table as SMF's backgrounds, keyed by each value pool's first layer;
+    refuses a table made for another model (SlotTableError)."""
+    table = load_table(Path(stats_dir) / TABLE_FILE, expect_model_hash=model_hash(model_dir))
+    return {table.pool_layers[name][0]: Background(s.counts, s.df, s.n_batches) for name, s in table.pools.items()}
 
 
 def merge_backgrounds(tables: list[Background]) -> Background:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from slotwise.errors import ConfigError
+
 TASKS = ("nq_open", "triviaqa", "hellaswag", "arc_easy", "arc_challenge", "piqa", "lambada", "gsm8k")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -64,8 +66,6 @@ class EvaluateParams:
 
 def check_evaluate_params(p: EvaluateParams, where: str = "params") -> None:
     """Value checks the schema cannot express; raises ConfigError with one line naming the key."""
-    from slotwise.config import ConfigError  # late: slotwise.config imports this module
-
     def bad(key: str, msg: str) -> ConfigError:
         return ConfigError(f"{where}: key 'evaluate.{key}': {msg}")
 

@@ -1,6 +1,6 @@
 """Does an update method learn ONE fact? The answer loss and the probe answer, step by step.
 
-    python -m slotwise.continual.single_fact --model runs/train --data runs/data --stats runs/slot_stats \\
+    python scripts/single_fact.py --model runs/train --data runs/data --stats runs/slot_stats \\
         --method smf --params '{"score": "tfidf", "top_t": 500, "lr": 0.01}' --steps 10 --facts 3
 
 Before streaming hundreds of facts, check that a method can learn a single one within a few steps
@@ -16,6 +16,7 @@ import torch
 
 from slotwise.checkpoint import load_checkpoint
 from slotwise.continual.experiment import fact_batch, qa_score
+from slotwise.continual.selection import load_backgrounds
 from slotwise.continual.updaters import make_updater
 from slotwise.evaluation.perplexity import blocks_nll, token_blocks
 from slotwise.sources import read_jsonl
@@ -63,7 +64,7 @@ def run(model_dir: str, facts: list[dict], method: str, params: dict, steps: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m slotwise.continual.single_fact", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python scripts/single_fact.py", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="runs/train")
     ap.add_argument("--data", default="runs/data")
     ap.add_argument("--stats", default="runs/slot_stats")
@@ -78,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     facts = [r for _, r in read_jsonl(Path(args.data) / "facts.jsonl") if not r.get("known")][: args.facts]
     backgrounds = None
     if args.method == "smf" and params.get("score", "tfidf") in ("tfidf", "kl"):
-        from slotwise.components.continual import backgrounds_from_table
-
-        backgrounds = backgrounds_from_table(Path(args.stats), args.model)
+        backgrounds = load_backgrounds(args.stats, args.model)
     heldout = [r["text"] for _, r in read_jsonl(Path(args.data) / "background" / "heldout.jsonl")] if args.ppl_blocks else None
     rows = run(args.model, facts, args.method, params, args.steps, backgrounds, heldout, args.ppl_blocks)
     if args.json:

@@ -32,16 +32,13 @@ from pathlib import Path
 from typing import Iterator
 
 from slotwise import storage
-from slotwise.checkpoint import CheckpointError, sha256_file
+from slotwise.atomic import sha256_file
 from slotwise.continual.delta import META, WEIGHTS
+from slotwise.errors import RegistryError
 
 REGISTRY = "registry.json"
 LOCK = ".lock"
 FORMAT = 1
-
-
-class RegistryError(CheckpointError):
-    """An unreadable or inconsistent serving directory (one line; the CLIs exit 2)."""
 
 
 def now() -> str:

@@ -11,13 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from slotwise.checkpoint import CheckpointError
-from slotwise.config import ConfigError
-from slotwise.models import ModelSourceError
-from slotwise.sources import DataError
-from slotwise.storage import StorageError, fetch, is_s3, publish
-
-USER_ERRORS = (ConfigError, ModelSourceError, CheckpointError, DataError, StorageError, FileNotFoundError)
+from slotwise.errors import USER_ERRORS, ConfigError
+from slotwise.storage import fetch, is_s3, publish
 
 
 def component_parser(prog: str, description: str) -> argparse.ArgumentParser:

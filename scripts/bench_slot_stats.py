@@ -1,6 +1,6 @@
 """What counting slot accesses costs: plain forward vs forward + slot statistics, same batches.
 
-    python -m slotwise.bench_slot_stats [--json out.json] [--model runs/retrofit] [--batches 8] [--threads 1]
+    python scripts/bench_slot_stats.py [--json out.json] [--model runs/retrofit] [--batches 8] [--threads 1]
 
 Times, in one process and over the same batches, (a) `model(batch)` under no_grad and (b)
 slot_stats.collect (record_lookups + slot_histogram + accumulation into the tables), alternating

@@ -1,0 +1,203 @@
+"""The nightly knowledge update's logic: new fact files -> SMF on the served model -> a cumulative
+sparse delta, and the retention gate that decides whether it is promoted.
+
+    files = drop_files("drop/")                      # *.jsonl under a folder or an s3:// prefix
+    facts = read_facts(fact_files(files, work), include_statement=True)
+    model, tokenizer, served = load_served(base_dir, "serve/current")
+    new, losses = sparse_update(model, tokenizer, facts, backgrounds, n, device)
+    delta = cumulative(served, new, meta)            # base -> served -> tonight's facts
+    probes = Probes(model, tokenizer, n, data_dir, facts, device)
+    passed, drops, reasons = decide(probes.measure(served_model, tok), probes.measure(candidate, tok), n.max_retention_drop)
+
+The stages that run it are `slotwise update` (components/update.py) and `slotwise gate`
+(components/gate.py); the Prefect flow (flows/nightly.py) orchestrates them and promotes through
+the serving directory (slotwise/continual/serving.py).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+
+from slotwise import storage
+from slotwise.checkpoint import load_checkpoint
+from slotwise.config import NightlyParams
+from slotwise.continual.delta import META, SparseDelta, apply_delta, extract_delta, load_delta, stack
+from slotwise.continual.experiment import fact_batch, qa_score, relative_drop, screen_known
+from slotwise.continual.updaters import make_updater
+from slotwise.errors import CheckpointError, DataError, DeltaError
+from slotwise.evaluation.perplexity import blocks_nll, token_blocks
+from slotwise.retrofit import memory_layers
+from slotwise.sources import read_jsonl
+
+FACT_FIELDS = ("id", "answers", "paraphrases", "probe")
+HELDOUT = Path("background") / "heldout.jsonl"
+TRIVIAQA = Path("tasks") / "triviaqa.jsonl"
+LOWER_IS_BETTER = ("heldout_ppl",)
+INFORMATIONAL = ("new_facts_em",)
+
+
+# --- new facts ------------------------------------------------------------------------------------
+
+def fact_files(sources: list[str], workdir: Path) -> list[Path]:
+    """Each --facts source (file or folder, local or s3://) -> local *.jsonl files, sorted per source."""
+    files: list[Path] = []
+    for i, src in enumerate(sources):
+        if storage.is_s3(src):
+            uris = [u for u in storage.list_prefix(src) if u.endswith(".jsonl")] or [src]
+            for j, uri in enumerate(uris):  # drop files are plain objects: no sha256 metadata to check
+                files.append(storage.fetch(uri, workdir / f"facts-{i}-{j}", storage.S3Options(require_checksum=False)))
+            continue
+        path = Path(src)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*.jsonl") if not any(part.startswith(".") for part in p.relative_to(path).parts)))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{src}: no such facts file or folder")
+    return files
+
+
+def read_facts(files: list[Path], include_statement: bool) -> list[dict]:
+    """Every fact of the files, in order; a malformed line raises DataError naming file:line."""
+    need = FACT_FIELDS + (("statement",) if include_statement else ())
+    facts = []
+    for path in files:
+        for lineno, rec in read_jsonl(path, need):
+            if not isinstance(rec["answers"], list) or not rec["answers"] or not isinstance(rec["paraphrases"], list):
+                raise DataError(f"{path}:{lineno}: 'answers' must be a non-empty list and 'paraphrases' a list")
+            facts.append({**rec, "_file": str(path)})
+    return facts
+
+
+def drop_files(drop: str) -> list[str]:
+    """The drop location's *.jsonl files (local paths resolved, or s3:// URIs), sorted; none if it does not exist."""
+    if not storage.is_s3(drop):
+        root = Path(drop)
+        if not root.is_dir():
+            return []
+        found = [str(p.resolve()) for p in root.rglob("*.jsonl") if not any(s.startswith(".") for s in p.relative_to(root).parts)]
+    else:
+        prefix = drop.rstrip("/") + "/"
+        found = [u for u in storage.list_prefix(drop) if u.endswith(".jsonl")
+                 and not any(s.startswith(".") for s in u[len(prefix):].split("/"))]
+    return sorted(found)
+
+
+# --- the update -----------------------------------------------------------------------------------
+
+def served_delta_dir(path: str | None) -> Path | None:
+    """--deltas -> the delta directory to apply, or None (nothing promoted yet)."""
+    if not path:
+        return None
+    p = Path(path)
+    for cand in (p, p / "current"):
+        if (cand / META).is_file():
+            return cand
+    if not p.exists() or (p.is_dir() and not any(p.iterdir())) or (p / "registry.json").is_file():
+        return None  # no delta yet, an empty folder, or a serving directory with nothing promoted
+    raise DeltaError(f"{path}: not a sparse delta directory (no {META}) nor a serving directory with current/")
+
+
+def smf_params(n: NightlyParams) -> dict:
+    s = n.smf
+    return {"score": s.score, "top_t": s.top_t, "lr": s.lr, "optimizer": s.optimizer, "count_on": s.count_on,
+            "max_df_fraction": s.max_df_fraction, "seed": n.seed}
+
+
+def load_served(model_dir: Path, deltas: str | None):
+    """Base checkpoint + the served delta applied -> (model, tokenizer, served delta or None)."""
+    model, tokenizer = load_checkpoint(model_dir)  # verifies every file against manifest.json
+    if not memory_layers(model):
+        raise CheckpointError(f"{model_dir}: no memory layers; the nightly update needs a retrofitted checkpoint")
+    if tokenizer is None:
+        raise CheckpointError(f"{model_dir}: no tokenizer saved with the checkpoint")
+    served = None
+    delta_dir = served_delta_dir(deltas)
+    if delta_dir is not None:
+        served = load_delta(delta_dir)
+        try:
+            apply_delta(model, served)
+        except DeltaError as exc:
+            raise DeltaError(f"{delta_dir}: the served delta does not apply to {model_dir} ({exc})") from None
+    return model, tokenizer, served
+
+
+def sparse_update(model, tokenizer, facts: list[dict], bgs, n: NightlyParams, device: torch.device) -> tuple[SparseDelta, list[float]]:
+    """SMF over the facts (one batch of paraphrases per fact, steps_per_fact steps) -> (delta vs the start, losses)."""
+    start = copy.deepcopy(model)
+    torch.manual_seed(n.seed)
+    updater = make_updater("smf", model.to(device), smf_params(n), backgrounds=bgs)
+    model.train()
+    losses = []
+    for fact in facts:
+        batch = {k: v.to(device) for k, v in fact_batch(fact, tokenizer, n.include_statement, n.max_len).items()}
+        for _ in range(n.smf.steps_per_fact):
+            losses.append(updater.step(batch)["loss"])
+    model.cpu().eval()
+    return extract_delta(start, model), losses
+
+
+def cumulative(served: SparseDelta | None, new: SparseDelta, meta: dict) -> SparseDelta:
+    """stack(served, new) with a flat history: one meta entry per nightly update."""
+    history = list(served.meta.get("history", [])) if served is not None else []
+    delta = stack(served, new) if served is not None else new
+    delta.meta = {**meta, "updates": len(history) + 1, "history": history + [meta["update"]]}
+    return delta
+
+
+# --- the gate -------------------------------------------------------------------------------------
+
+def decide(current: dict, candidate: dict, max_drop: float) -> tuple[bool, dict, list[str]]:
+    """-> (passed, relative drop per retention metric, reasons for a failure). None-valued metrics are skipped."""
+    drops, reasons = {}, []
+    for key, before in current.items():
+        if key in INFORMATIONAL:
+            continue
+        after = candidate.get(key)
+        if before is not None and (after is None or not math.isfinite(after)):
+            drops[key] = None
+            reasons.append(f"{key} is {after} for the candidate ({before:.4g} for the served model): not measurable, a broken model")
+            continue
+        drop = relative_drop(before, after, higher_is_better=key not in LOWER_IS_BETTER)
+        drops[key] = drop
+        if drop is not None and drop > max_drop:
+            reasons.append(f"{key} dropped {drop:.1%} ({before:.4g} -> {candidate[key]:.4g}; at most {max_drop:.1%} allowed)")
+    return not reasons, drops, reasons
+
+
+class Probes:
+    """What both models are measured on, fixed once (the known set is screened on the served model)."""
+
+    def __init__(self, model, tokenizer, n: NightlyParams, data_dir: Path, new_facts: list[dict], device: torch.device):
+        e = n.eval
+        texts = (r["text"] for _, r in read_jsonl(data_dir / HELDOUT, ("text",)))
+        self.blocks = token_blocks(tokenizer, texts, e.ppl_seq_len, e.ppl_blocks)
+        if len(self.blocks) == 0:
+            raise CheckpointError(f"{data_dir / HELDOUT}: fewer than {e.ppl_seq_len} tokens (nightly.eval.ppl_seq_len)")
+        self.known = []
+        if e.known_screen:
+            qa = [r for _, r in read_jsonl(data_dir / TRIVIAQA, ("question", "answers"))][: e.known_screen]
+            self.known = screen_known(model.to(device), tokenizer, qa, e.batch_size)
+        self.new_facts = [{"probe": f["probe"], "answers": f["answers"]} for f in new_facts]
+        self.tasks = [t for t in e.tasks]
+        self.data_dir, self.p, self.device = data_dir, e, device
+
+    def measure(self, model, tokenizer) -> dict:
+        model.to(self.device).eval()
+        total, count = blocks_nll(model, self.blocks.to(self.device), batch_size=self.p.batch_size)
+        out = {"heldout_ppl": float(torch.tensor(total / count).exp()),
+               "known_em": qa_score(model, tokenizer, self.known, self.p.batch_size)["exact_match"],
+               "new_facts_em": qa_score(model, tokenizer, self.new_facts, self.p.batch_size)["exact_match"]}
+        if self.tasks:
+            from slotwise.evaluation.tasks import rendered_tasks, run_tasks
+
+            with rendered_tasks(self.data_dir / "tasks", tasks=self.tasks) as include:
+                scores = run_tasks(model, tokenizer, self.tasks, include, {t: self.p.task_limit for t in self.tasks},
+                                   batch_size=self.p.batch_size, seed=0)
+            for task, m in scores.items():
+                out[task] = m.get("acc_norm", m.get("acc"))
+        model.cpu()
+        return out
