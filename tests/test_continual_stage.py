@@ -69,6 +69,33 @@ def test_answer_span_labels_cover_exactly_the_answer(smol_tokenizer):
     assert answer_span_example("no answer here", "Mars", smol_tokenizer, 64) is None
 
 
+@pytest.mark.parametrize("probe,answer,tokens", [
+    ("William Shakespeare was born in", "Stratford-upon-Avon", [" Strat", "ford", "-", "upon", "-", "Av", "on"]),
+    ("William Shakespeare was born in the year", "1564", [" ", "1", "5", "6", "4"]),
+])
+def test_trained_answer_tokens_are_the_tokens_the_probe_continues_with(smol_tokenizer, probe, answer, tokens):
+    """The loss sits on the tokens a greedy answer to the probe must produce (leading space included),
+    not on the answer tokenized on its own (`St|rat|ford|...` for Stratford-upon-Avon)."""
+    tok = smol_tokenizer
+    ids, labels = answer_span_example(f"{probe} {answer}. He wrote plays.", answer, tok, 64)
+    trained = [t for t, y in zip(ids, labels) if y != -100]
+    prompt = tok(probe, add_special_tokens=False)["input_ids"]
+    full = tok(f"{probe} {answer}", add_special_tokens=False)["input_ids"]
+    assert full[: len(prompt)] == prompt
+    assert trained == full[len(prompt):]  # what the model emits after the probe
+    assert [tok.decode([t]) for t in trained] == tokens
+    assert trained != tok(answer, add_special_tokens=False)["input_ids"]
+    # the sequence is the text tokenized once: the labels are the ids at the answer's positions
+    assert ids == tok(f"{probe} {answer}. He wrote plays.", add_special_tokens=False)["input_ids"]
+
+
+def test_an_answer_at_the_start_of_a_paraphrase_has_no_space_to_carry(smol_tokenizer):
+    ids, labels = answer_span_example("Stratford-upon-Avon is where William Shakespeare was born.", "Stratford-upon-Avon",
+                                      smol_tokenizer, 64)
+    trained = [t for t, y in zip(ids, labels) if y != -100]
+    assert [smol_tokenizer.decode([t]) for t in trained] == ["St", "rat", "ford", "-", "upon", "-", "Av", "on"]
+
+
 def test_fact_batch_has_one_row_per_paraphrase(smol_tokenizer):
     fact = dataclasses.asdict(fact_stream(QA[:1], "t", 3, seed=0)[0])
     batch = fact_batch(fact, smol_tokenizer, include_statement=True, max_len=64)

@@ -58,15 +58,23 @@ class ContinualParams:
 
 
 def answer_span_example(text: str, answer: str, tokenizer, max_len: int) -> tuple[list[int], list[int]] | None:
-    """Tokenize prefix | answer | suffix separately so the loss can sit on the answer tokens only."""
+    """(input ids, labels) of text with the loss on the answer's tokens only (its last occurrence).
+
+    The text is tokenized once (offsets from a fast tokenizer) and the answer's span includes the
+    whitespace before it: after "was born in" the model must produce ` Strat|ford|...`, the tokens a
+    probe's greedy continuation produces, not the `St|rat|ford|...` of the answer tokenized alone.
+    A label covers every token that overlaps the span."""
     at = text.rfind(answer)
-    if at < 0:
+    if at < 0 or not answer:
         return None
-    pre = tokenizer(text[:at], add_special_tokens=False)["input_ids"]
-    ans = tokenizer(text[at:at + len(answer)], add_special_tokens=False)["input_ids"]
-    post = tokenizer(text[at + len(answer):], add_special_tokens=False)["input_ids"]
-    ids = (pre + ans + post)[:max_len]
-    labels = ([-100] * len(pre) + ans + [-100] * len(post))[:max_len]
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"answer spans need a fast tokenizer (offset mapping); got {type(tokenizer).__name__}")
+    start, end = at, at + len(answer)
+    while start > 0 and text[start - 1] in " \t":  # the answer's leading space belongs to its first token
+        start -= 1
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"][:max_len]
+    labels = [t if s < end and e > start else -100 for t, (s, e) in zip(ids, enc["offset_mapping"])]
     return (ids, labels) if any(t != -100 for t in labels) else None
 
 
