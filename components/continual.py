@@ -4,11 +4,13 @@
         --stats runs/slot_stats --out runs/continual
     slotwise continual ... continual.n_facts=100 continual.methods='[{name: smf, method: smf, params: {top_t: 1000}}]'
 
-Every method starts from the same model and sees the same facts in the same order. Writes
-curves.json (acquisition and retention over the stream), metrics.json (final numbers per
-method, for `dvc metrics`), plots/curves.png, plots/frontier.png (acquisition vs retention, one
-point per method), deltas/<method>/ (an SMF update as a sparse delta: row ids + rows) and
-params.resolved.yaml. Each method's result is kept in .<out>.parts/ as soon as it finishes, so a
+Every method starts from the same model and sees the same facts in the same order. A method
+with a `sweep` (e.g. `sweep: {lr: [1e-5, 3e-5]}`) runs once per value; its runs are the points of
+its learning-vs-forgetting frontier, and methods are compared at matched acquisition (see
+slotwise.continual.frontier). Writes curves.json (acquisition and retention over the stream),
+metrics.json (final numbers per run, for `dvc metrics`), frontier.json (each method's retention
+interpolated at acquisition levels every method reached), plots/curves.png, plots/frontier.png,
+deltas/<run>/ (an SMF update as a sparse delta: row ids + rows) and params.resolved.yaml. Each method's result is kept in .<out>.parts/ as soon as it finishes, so a
 killed run restarts at the first unfinished method (same params, model and facts).
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ from slotwise.components._cli import component_parser, run_cli
 from slotwise.config import ConfigError, load_params, to_yaml
 from slotwise.continual.delta import delta_nbytes, extract_delta, save_delta
 from slotwise.continual.experiment import ContinualParams, MethodRun, measure, relative_drop, run_stream, screen_known
+from slotwise.continual.frontier import common_levels, expand_sweeps, matched
 from slotwise.continual.selection import load_backgrounds
 from slotwise.continual.updaters import make_updater
 from slotwise.evaluation.perplexity import token_blocks
@@ -53,8 +56,8 @@ def run_method(run: MethodRun, args, p: ContinualParams, facts, known, ppl_block
     except ValueError as exc:
         raise ConfigError(f"continual.methods[{run.name}]: {exc}") from None
     rows_per_fact: list[int] = []
-    curve = run_stream(updater, lambda: updater.model, tokenizer, facts, known, ppl_blocks, p, device, run.name, rows_per_fact)
-    result = {"method": run.method, "params": dict(run.params), "curve": curve}
+    curve = run_stream(updater, lambda: updater.model, tokenizer, facts, known, ppl_blocks, p, device, run.name, rows_per_fact, run)
+    result = {"method": run.method, "group": run.group or run.name, "params": dict(run.params), "curve": curve}
     delta = None
     if base is not None:
         delta = extract_delta(base, model.cpu(), meta={"method": run.name, "base_checkpoint_hash": model_hash(args.model)})
@@ -92,7 +95,8 @@ def summarize(results: dict, start: dict) -> dict:
     out = {}
     for name, r in results.items():
         end = r["curve"][-1]
-        s = {"learned": end["learned"], "n_facts": end["facts_seen"], "acquisition_em": end["acquisition_em"],
+        s = {"group": r.get("group", name), "learned": end["learned"], "n_facts": end["facts_seen"],
+             "steps_per_fact_mean": end.get("steps_per_fact_mean"), "acquisition_em": end["acquisition_em"],
              "acquisition_f1": end["acquisition_f1"], "known_kept": end["known_kept"],
              "known_drop": relative_drop(start["known_em"], end["known_em"]),
              "heldout_ppl": end["heldout_ppl"], "heldout_ppl_rise": relative_drop(start["heldout_ppl"], end["heldout_ppl"], higher_is_better=False)}
@@ -122,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     facts = [f for f in all_facts if not (p.only_unknown and f.get("known"))][: p.n_facts]
     if len(facts) < p.n_facts:
         log.warning("only %d facts available (asked for %d)", len(facts), p.n_facts)
-    needs_table = any(m.method == "smf" and m.params.get("score", "tfidf") in ("tfidf", "kl") for m in p.methods)
+    runs = expand_sweeps(p.methods)
+    needs_table = any(m.method == "smf" and m.params.get("score", "tfidf") in ("tfidf", "kl") for m in runs)
     backgrounds = load_backgrounds(args.stats, args.model) if needs_table else None
 
     start_model, tokenizer = load_checkpoint(args.model)
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
               "model": model_hash(args.model), "facts": [f["id"] for f in facts]}
     with staged_dir(args.out) as tmp:
         results = {}
-        for run in p.methods:
+        for run in runs:
             key = hashlib.sha256(json.dumps({**common, "run": dataclasses.asdict(run)}, sort_keys=True, default=str).encode()).hexdigest()
             done = parts / run.name
             kept = json.loads((done / "result.json").read_text()) if (done / "result.json").is_file() else {}
@@ -168,12 +173,15 @@ def main(argv: list[str] | None = None) -> int:
                      result["curve"][-1]["learned"], len(facts), result["curve"][-1]["known_kept"], len(known),
                      result["curve"][-1]["heldout_ppl"], result["seconds"])
         summary = summarize(results, start)
+        groups = {name: s["group"] for name, s in summary.items()}
+        frontier = matched(summary, groups, common_levels(summary, groups))
         (tmp / "curves.json").write_text(json.dumps({"start": start, "methods": results}, indent=1))
         (tmp / "metrics.json").write_text(json.dumps({"start": {k: v for k, v in start.items() if k != "final_tasks"}, **summary}, indent=2))
+        (tmp / "frontier.json").write_text(json.dumps(frontier, indent=2))
         from slotwise.continual.plots import plot_curves, plot_frontier
 
         plot_curves(results, tmp / "plots" / "curves.png")
-        plot_frontier(summary, tmp / "plots" / "frontier.png")
+        plot_frontier(summary, tmp / "plots" / "frontier.png", n_known=len(known))
         (tmp / "params.resolved.yaml").write_text(to_yaml(params))
     shutil.rmtree(parts, ignore_errors=True)
     for name, s in summary.items():

@@ -206,9 +206,14 @@ def _check(params: Params, where: str) -> None:
     names = [m.name for m in c.methods]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: key 'continual.methods': method names must be unique, got {names}")
+    from slotwise.continual.frontier import expand_sweeps
+
     for i, m in enumerate(c.methods):
         try:
-            build_params(m.method, dict(m.params))
+            for run in expand_sweeps([m]):
+                build_params(run.method, dict(run.params))
+                if run.steps_per_fact is not None and run.steps_per_fact <= 0:
+                    raise ValueError(f"steps_per_fact: expected a positive integer, got {run.steps_per_fact}")
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{where}: key 'continual.methods[{i}]' ({m.name}): {exc}") from None
     for key in ("n_facts", "steps_per_fact", "eval_every"):

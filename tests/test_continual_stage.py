@@ -183,9 +183,34 @@ def test_a_table_from_another_model_is_refused(setup, tmp_path, smol_tokenizer):
     assert not (tmp_path / "out").exists()
 
 
+def test_sweeps_until_loss_and_matched_frontier(setup, tmp_path):
+    """A swept method runs once per value; until_loss stops a fact's steps early; frontier.json compares groups."""
+    root, params = setup
+    text = params.read_text()
+    head = text[: text.index("  methods:")]
+    (tmp_path / "p.yaml").write_text(head.replace("steps_per_fact: 2", "steps_per_fact: 6") + """  methods:
+    - {name: full_ft, method: full, params: {lr: 0.0001}, until_loss: 1.0e+9}
+    - {name: smf, method: smf, params: {score: tf, top_t: 8, optimizer: sgd, lr: 1.0}, sweep: {lr: [0.5, 2.0]}, steps_per_fact: 3}
+""")
+    out = tmp_path / "out"
+    assert continual_component.main(["--params", str(tmp_path / "p.yaml"), "--model", str(root / "model"),
+                                      "--data", str(root / "data"), "--stats", str(root / "stats"), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"start", "full_ft", "smf@lr=0.5", "smf@lr=2"}
+    assert metrics["full_ft"]["steps_per_fact_mean"] == 1.0  # any loss is below 1e9: one step per fact
+    assert metrics["smf@lr=0.5"]["steps_per_fact_mean"] == 3.0  # the run's own budget, not the stage's 6
+    assert metrics["smf@lr=2"]["group"] == "smf" and metrics["full_ft"]["group"] == "full_ft"
+    frontier = json.loads((out / "frontier.json").read_text())
+    assert set(frontier) == {"full_ft", "smf"}
+    curves = json.loads((out / "curves.json").read_text())["methods"]
+    assert curves["smf@lr=2"]["params"]["lr"] == 2.0
+
+
 def test_unknown_method_param_is_a_config_error(setup, tmp_path):
     from slotwise.config import ConfigError, load_params
 
     root, params = setup
     with pytest.raises(ConfigError, match=r"continual.methods\[0\].*unknown key"):
         load_params(params, ["continual.methods=[{name: x, method: smf, params: {topt: 3}}]"])
+    with pytest.raises(ConfigError, match=r"continual.methods\[0\].*unknown key"):  # a swept key is checked too
+        load_params(params, ["continual.methods=[{name: x, method: full, sweep: {lrr: [0.1]}}]"])

@@ -29,13 +29,21 @@ class MethodRun:
     name: str = "smf_tfidf"
     method: str = "smf"  # smf | full | lora | grit
     params: dict[str, Any] = field(default_factory=dict)  # the method's own params (see continual.updaters)
+    # The acquisition budget of this method (None: continual.steps_per_fact / continual.until_loss).
+    steps_per_fact: int | None = None
+    until_loss: float | None = None
+    # One run per value, e.g. {lr: [1e-5, 3e-5]} -> runs "<name>@lr=1e-05", ...: the points of this
+    # method's learning-vs-forgetting frontier (see continual.frontier).
+    sweep: dict[str, list[float]] = field(default_factory=dict)
+    group: str | None = None  # the frontier line a run belongs to (set by the sweep; default: name)
 
 
 @dataclass
 class ContinualParams:
     n_facts: int = 20  # facts streamed (unknown to the starting model when only_unknown)
     only_unknown: bool = True
-    steps_per_fact: int = 3
+    steps_per_fact: int = 3  # optimizer steps per fact (with until_loss: the most it may take)
+    until_loss: float | None = None  # stop a fact's steps once its answer loss (before a step) is below this
     eval_every: int = 10  # facts between measurements
     include_statement: bool = True
     max_len: int = 96  # tokens per paraphrase
@@ -117,26 +125,36 @@ def measure(model, tokenizer, seen: list[dict], known: list[dict], ppl_blocks: t
 
 def run_stream(updater, model_for_eval: Callable[[], torch.nn.Module], tokenizer, facts: list[dict], known: list[dict],
                ppl_blocks: torch.Tensor, p: ContinualParams, device, label: str,
-               rows_per_fact: list[int] | None = None) -> list[dict]:
+               rows_per_fact: list[int] | None = None, run: MethodRun | None = None) -> list[dict]:
     """Stream the facts through the updater; return the curve (one point per measurement).
 
+    Each fact gets up to `steps_per_fact` optimizer steps (the run's own budget, else the stage's);
+    with `until_loss` it stops as soon as the loss an update step reports (its loss before the
+    update) is below that, so a method that learns a fact in one step spends one step on it.
     rows_per_fact: if given (and the updater reports "selected" rows, as SMF does), gets one entry
     per fact: the value rows that fact's update touched, summed over pools (the size of its delta)."""
+    max_steps = run.steps_per_fact if run is not None and run.steps_per_fact is not None else p.steps_per_fact
+    until = run.until_loss if run is not None and run.until_loss is not None else p.until_loss
     curve = [{"facts_seen": 0, **measure(model_for_eval(), tokenizer, [], known, ppl_blocks, p.batch_size), "seconds": 0.0}]
     t0 = time.perf_counter()
+    steps_taken: list[int] = []
     for n, fact in enumerate(tqdm(facts, desc=label), 1):
         batch = {k: v.to(device) for k, v in fact_batch(fact, tokenizer, p.include_statement, p.max_len).items()}
         model_for_eval().train()
         touched: dict = {}
-        for _ in range(p.steps_per_fact):
+        for step in range(max_steps):
             last = updater.step(batch)
             for pool, ids in last.get("selected", {}).items():
                 touched.setdefault(pool, set()).update(ids.tolist())
+            if until is not None and last["loss"] < until:
+                break
+        steps_taken.append(step + 1)
         if rows_per_fact is not None and touched:
             rows_per_fact.append(sum(len(v) for v in touched.values()))
         if n % p.eval_every == 0 or n == len(facts):
             point = measure(model_for_eval(), tokenizer, facts[:n], known, ppl_blocks, p.batch_size)
-            curve.append({"facts_seen": n, **point, "last_loss": float(last["loss"]), "seconds": time.perf_counter() - t0})
+            curve.append({"facts_seen": n, **point, "last_loss": float(last["loss"]), "seconds": time.perf_counter() - t0,
+                          "steps_per_fact_mean": sum(steps_taken) / len(steps_taken)})
     return curve
 
 

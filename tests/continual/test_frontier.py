@@ -1,0 +1,56 @@
+"""Sweeps expand into one run each; frontiers are compared at matched acquisition."""
+import pytest
+
+from slotwise.continual.experiment import MethodRun
+from slotwise.continual.frontier import common_levels, expand_sweeps, interpolate, matched
+
+
+def test_a_sweep_expands_into_one_named_run_per_value_grouped_under_the_method():
+    runs = expand_sweeps([MethodRun("full_ft", "full", {"lr": 1e-5}, sweep={"lr": [3e-6, 3e-5]}),
+                          MethodRun("smf", "smf", {"score": "tfidf"}, sweep={"top_t": [50.0, 500.0], "steps_per_fact": [2, 8]})])
+    assert [r.name for r in runs] == ["full_ft@lr=3e-06", "full_ft@lr=3e-05",
+                                      "smf@top_t=50@steps_per_fact=2", "smf@top_t=50@steps_per_fact=8",
+                                      "smf@top_t=500@steps_per_fact=2", "smf@top_t=500@steps_per_fact=8"]
+    assert {r.group for r in runs} == {"full_ft", "smf"} and all(not r.sweep for r in runs)
+    assert runs[1].params == {"lr": 3e-5}
+    assert runs[2].params == {"score": "tfidf", "top_t": 50} and isinstance(runs[2].params["top_t"], int)
+    assert runs[3].steps_per_fact == 8 and "steps_per_fact" not in runs[3].params
+    # no sweep: the run itself, its own group
+    (plain,) = expand_sweeps([MethodRun("lora", "lora", {"r": 4})])
+    assert plain.name == "lora" and plain.group == "lora"
+
+
+def test_sweep_errors_are_named():
+    with pytest.raises(ValueError, match="sweep.lr"):
+        expand_sweeps([MethodRun("a", "full", sweep={"lr": []})])
+    with pytest.raises(ValueError, match="unique"):
+        expand_sweeps([MethodRun("a", "full", sweep={"lr": [1.0]}), MethodRun("a@lr=1", "full")])
+
+
+def test_interpolate_is_piecewise_linear_and_never_extrapolates():
+    pts = [(0.2, 0.10), (0.6, 0.30), (0.4, 0.50), (0.4, 0.30)]  # two points at 0.4 average to 0.4
+    assert interpolate(pts, 0.2) == pytest.approx(0.10)
+    assert interpolate(pts, 0.3) == pytest.approx(0.25)  # halfway between (0.2, 0.1) and (0.4, 0.4)
+    assert interpolate(pts, 0.5) == pytest.approx(0.35)
+    assert interpolate(pts, 0.1) is None and interpolate(pts, 0.7) is None
+    assert interpolate([(0.5, 0.2)], 0.5) == pytest.approx(0.2)
+
+
+def test_matched_compares_groups_at_the_same_acquisition():
+    summary = {  # 10 facts: smf learns 2 / 6 with small drops, full FT 4 / 8 with large ones
+        "smf@lr=1": {"learned": 2, "n_facts": 10, "known_drop": 0.0, "heldout_ppl_rise": 0.01},
+        "smf@lr=10": {"learned": 6, "n_facts": 10, "known_drop": 0.1, "heldout_ppl_rise": 0.03},
+        "ft@lr=1": {"learned": 4, "n_facts": 10, "known_drop": 0.4, "heldout_ppl_rise": 0.05},
+        "ft@lr=10": {"learned": 8, "n_facts": 10, "known_drop": 0.8, "heldout_ppl_rise": 0.09},
+    }
+    groups = {"smf@lr=1": "smf", "smf@lr=10": "smf", "ft@lr=1": "ft", "ft@lr=10": "ft"}
+    levels = common_levels(summary, groups, n=2)
+    assert levels == [0.4, 0.6]  # the overlap of [0.2, 0.6] and [0.4, 0.8]
+    table = matched(summary, groups, levels)
+    assert table["smf"]["acquisition_range"] == [0.2, 0.6]
+    assert table["smf"]["at"]["0.4"]["known_drop"] == pytest.approx(0.05)
+    assert table["ft"]["at"]["0.4"]["known_drop"] == pytest.approx(0.4)
+    assert table["ft"]["at"]["0.6"]["heldout_ppl_rise"] == pytest.approx(0.07)
+    assert matched(summary, groups, [0.9])["smf"]["at"]["0.9"]["known_drop"] is None
+    assert common_levels({**summary, "x": {"learned": 9, "n_facts": 10, "known_drop": 0, "heldout_ppl_rise": 0}},
+                         {**groups, "x": "x"}) == []  # a group that never overlaps the others
