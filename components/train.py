@@ -29,7 +29,7 @@ from slotwise.components._cli import component_parser, resolve_device, run_cli
 from slotwise.config import ConfigError, Params, load_params, to_yaml
 from slotwise.diagnostics import memory_report, perplexity
 from slotwise.memory import MemoryConfig
-from slotwise.retrofit import RetrofitConfig, memory_layers, retrofit
+from slotwise.retrofit import RetrofitConfig, decoder_layers, memory_layers, retrofit
 from slotwise.sources import DataError, read_jsonl
 from slotwise.text_blocks import BlockSchedule, ExampleSchedule, fixed_batches, lm_batch, pack_blocks, prompt_answer_examples, read_texts
 from slotwise.training import train
@@ -84,6 +84,23 @@ def load_for_training(params: Params, model_dir: str):
     return model, tokenizer, cfg
 
 
+def ffn_teachers(params: Params, cfg: RetrofitConfig | None, device) -> dict | None:
+    """The base model's FFNs at the memory layers that replaced them (train.loop.distil_weight > 0)."""
+    if not params.train.loop.distil_weight:
+        return None
+    if params.train.mode != "heal" or cfg is None or cfg.mode != "replace":
+        raise ConfigError("train.loop.distil_weight > 0 distils replaced FFNs: it needs train.mode=heal on a "
+                          "retrofit with retrofit.insert.mode=replace")
+    from slotwise.models import load_base_model
+
+    base, _ = load_base_model(params.retrofit.base_model)
+    layers = decoder_layers(base)
+    teachers = {i % len(layers): layers[i].mlp.to(device).eval().requires_grad_(False) for i in cfg.layers}
+    log.info("distilling the FFNs of layers %s of %s into their memories (weight %g)", sorted(teachers),
+             params.retrofit.base_model, params.train.loop.distil_weight)
+    return teachers
+
+
 def sft_pairs(path: str, limit: int | None) -> list[tuple[str, str]]:
     pairs = []
     for _, r in read_jsonl(path, ("question", "answer")):
@@ -132,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [data / "background/heldout.jsonl", Path(t.sft_data) if t.mode == "sft" else data / "background/train.jsonl"]
     fingerprint = hashlib.sha256(json.dumps({"train": to_yaml(t), "model": model_hash(args.model) if t.mode != "pretrain" else None,
                                              "data": [sha256_file(f) for f in inputs]}, sort_keys=True).encode()).hexdigest()
-    record = train(model, batch_at, eval_batches, loop, state, device=device, fingerprint=fingerprint)
+    record = train(model, batch_at, eval_batches, loop, state, device=device, fingerprint=fingerprint,
+                   teachers=ffn_teachers(params, cfg, device))
     summary = {"mode": t.mode, "device": str(device), "initial_eval_ppl": base_ppl, **{k: v for k, v in record.items() if k != "history"}}
     if memory_layers(model):
         stats_blocks = pack_blocks(read_texts(data / "background/stats.jsonl"), tokenizer, t.seq_len)

@@ -8,6 +8,7 @@ weights as one that never stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -38,6 +39,10 @@ class LoopParams:
     save_every: int = 10
     seed: int = 0
     balance_weight: float = 0.03  # sub-key balancing loss (0 disables)
+    # Distillation for memories that REPLACE an FFN: each memory's output is also regressed onto
+    # the removed FFN's output on the same input (the base model's FFN, frozen; a dense per-token
+    # target the LM loss alone gives only through the layers above). 0 disables.
+    distil_weight: float = 0.0
     trainable: str = "memory"  # memory | all
     optim: OptimParams = field(default_factory=OptimParams)
 
@@ -45,9 +50,11 @@ class LoopParams:
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels
 
 
-def lm_loss(model, batch: Batch, balance_weight: float) -> tuple[torch.Tensor, dict]:
-    """Next-token loss (+ the memory's balancing loss, read from what each layer returned)."""
-    with record_lookups(model) as lookups:
+def lm_loss(model, batch: Batch, balance_weight: float, teachers: dict[int, torch.nn.Module] | None = None,
+            distil_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Next-token loss (+ the memory's balancing loss, read from what each layer returned, + the
+    distillation loss of replaced FFNs when teachers are given)."""
+    with record_lookups(model) as lookups, ffn_distillation(model, teachers if distil_weight else None) as distil:
         out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
     loss = out.loss
     stats = {"lm_loss": loss.item()}
@@ -56,7 +63,39 @@ def lm_loss(model, batch: Batch, balance_weight: float) -> tuple[torch.Tensor, d
         balance = torch.stack(balances).mean()
         loss = loss + balance_weight * balance
         stats["balance"] = balance.item()
+    if distil:
+        d = torch.stack(distil).mean()
+        loss = loss + distil_weight * d
+        stats["distil"] = d.item()
     return loss, stats
+
+
+@contextlib.contextmanager
+def ffn_distillation(model, teachers: dict[int, torch.nn.Module] | None):
+    """Collect, for every forward inside the block, each teached memory layer's relative error
+    ||memory(x) - ffn(x)||^2 / mean ||ffn(x)||^2 (mean over tokens), ffn the frozen teacher FFN
+    of that decoder layer and x the input both see. Yields the list the losses land in."""
+    losses: list[torch.Tensor] = []
+    if not teachers:
+        yield losses
+        return
+    from slotwise.retrofit import decoder_layers
+
+    def hook(teacher):
+        def fn(_module, inputs, output):
+            with torch.no_grad():
+                target = teacher(inputs[0])  # (B, S, d)
+            err = (output.float() - target.float()).pow(2).sum(-1)  # (B, S)
+            losses.append(err.mean() / target.float().pow(2).sum(-1).mean().clamp_min(1e-12))
+        return fn
+
+    layers = decoder_layers(model)
+    handles = [layers[i].mlp.register_forward_hook(hook(t)) for i, t in teachers.items()]
+    try:
+        yield losses
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()
@@ -98,13 +137,17 @@ def _set_rng_state(s: dict) -> None:
 
 
 def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p: LoopParams, state_dir: str | Path,
-          device: torch.device | str = "cpu", progress: bool = True, fingerprint: str | None = None) -> dict:
+          device: torch.device | str = "cpu", progress: bool = True, fingerprint: str | None = None,
+          teachers: dict[int, torch.nn.Module] | None = None) -> dict:
     """Train in place for p.max_steps (resuming from state_dir if it holds a state); return the record.
 
     On return the model holds the best weights seen on eval_batches (early stopping), and the record
     has the history, the best step and the time per step. fingerprint: what the run is (params,
     starting model, data); a state written under another fingerprint is discarded, not resumed.
+    teachers: {decoder layer: frozen FFN} for p.distil_weight (see ffn_distillation).
     """
+    if p.distil_weight and not teachers:
+        raise ValueError("train.loop.distil_weight > 0 needs teacher FFNs (memory layers in mode: replace)")
     state_dir = Path(state_dir)
     groups = trainable_groups(model, p.trainable)
     names = [n for n, q in model.named_parameters() if q.requires_grad]
@@ -152,7 +195,7 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
     while record["step"] < p.max_steps:
         step = record["step"]
         batch = {k: v.to(device) for k, v in batch_at(step).items()}
-        loss, stats = lm_loss(model, batch, p.balance_weight)
+        loss, stats = lm_loss(model, batch, p.balance_weight, teachers, p.distil_weight)
         for o in opts.values():
             o.zero_grad(set_to_none=True)
         loss.backward()

@@ -161,3 +161,51 @@ def test_pretrain_memory_vs_iso_flop_dense(tmp_path, data_dir, variant):
         assert model.config.intermediate_size == 64 + round(mem_flops / (3 * 32 * 2))
     else:
         assert model.config.intermediate_size == 64 and len(model.model.layers[1].mlp.memory.keys) == 2
+
+
+def test_heal_distils_the_replaced_ffn_into_the_memory(tmp_path, data_dir, smol_tokenizer):
+    """mode: replace + train.loop.distil_weight: the memory is regressed onto the base model's FFN output."""
+    from slotwise.memory import MemoryConfig
+    from slotwise.retrofit import RetrofitConfig
+    from slotwise.training import ffn_distillation, lm_loss
+
+    base = small_llama(len(smol_tokenizer))
+    base.save_pretrained(tmp_path / "base")
+    smol_tokenizer.save_pretrained(tmp_path / "base")
+    cfg = RetrofitConfig(layers=[1], mode="replace", memory=MemoryConfig(n_keys=8, heads=2, knn=4, k_dim=16))
+    model = retrofit(small_llama(len(smol_tokenizer)), cfg)  # same seed: the same weights as base
+    save_checkpoint(model, smol_tokenizer, tmp_path / "retrofit", cfg)
+    teacher = {1: base.model.layers[1].mlp}
+    # W2 = 0: the memory outputs zeros, so the relative error to the FFN is exactly 1 at the start.
+    batch = {"input_ids": torch.randint(0, 1000, (2, 9)), "labels": torch.randint(0, 1000, (2, 9))}
+    plain, _ = lm_loss(model, batch, 0.0)
+    loss, stats = lm_loss(model, batch, 0.0, teacher, distil_weight=2.0)
+    assert stats["distil"] == pytest.approx(1.0) and (loss - plain).item() == pytest.approx(2.0, rel=1e-5)
+    # The gradient reaches the memory (W2 first: its output is what is compared), never the teacher.
+    with ffn_distillation(model, teacher) as losses:
+        model(batch["input_ids"])
+    losses[0].backward()
+    assert model.model.layers[1].mlp.memory.out_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in base.parameters())
+    with ffn_distillation(model, None) as losses:
+        model(batch["input_ids"])
+    assert losses == []
+    # Through the stage: the teacher is retrofit.base_model's FFN; every step logs its distillation loss.
+    params = _params(tmp_path, 4, f"retrofit: {{base_model: {tmp_path / 'base'}}}\n")
+    params.write_text(params.read_text().replace("early_stop_patience: null,", "early_stop_patience: null, distil_weight: 1.0,"))
+    assert train_component.main(_args(params, tmp_path / "retrofit", data_dir, tmp_path / "out", "--state", str(tmp_path / "st"))) == 0
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    distil = [h["distil"] for h in history if "distil" in h]
+    assert len(distil) == 4 and distil[0] == pytest.approx(1.0, abs=1e-6)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["memory"]["heldout_ppl_memory_off"] is None  # a replaced FFN has no "memory off"
+
+
+def test_distillation_needs_a_replace_retrofit(tmp_path, retrofit_dir, data_dir):
+    from slotwise.config import ConfigError
+
+    params = _params(tmp_path, 2, "")
+    params.write_text(params.read_text().replace("early_stop_patience: null,", "early_stop_patience: null, distil_weight: 1.0,"))
+    with pytest.raises(ConfigError, match="distil_weight"):
+        train_component.main(_args(params, retrofit_dir, data_dir, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
