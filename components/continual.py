@@ -34,6 +34,7 @@ from slotwise.continual.selection import load_backgrounds
 from slotwise.continual.updaters import make_updater
 from slotwise.evaluation.perplexity import token_blocks
 from slotwise.retrofit import memory_layers
+from slotwise.schema import resolve_device
 from slotwise.sources import read_jsonl
 
 log = logging.getLogger("slotwise.continual")
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_params(args.params, args.overrides)
     p: ContinualParams = params.continual
-    device = torch.device("cuda" if p.device == "auto" and torch.cuda.is_available() else ("cpu" if p.device == "auto" else p.device))
+    device = resolve_device(p.device, "continual.device")
     data = Path(args.data)
     random.seed(p.seed)
 

@@ -26,11 +26,12 @@ from pathlib import Path
 
 from slotwise import storage
 from slotwise.checkpoint import CheckpointError, model_hash
-from slotwise.components._cli import component_parser, resolve_device, run_cli
+from slotwise.components._cli import component_parser, run_cli
 from slotwise.config import NightlyParams, load_params
 from slotwise.continual.delta import DeltaError, save_delta
 from slotwise.continual.nightly import cumulative, fact_files, load_served, read_facts, smf_params, sparse_update
 from slotwise.continual.selection import load_backgrounds
+from slotwise.schema import resolve_device
 
 log = logging.getLogger("slotwise.update")
 

@@ -93,11 +93,6 @@ class ProductKeyMemory(nn.Module):
         q = self.query(x).view(x.shape[0], self.cfg.heads, self.cfg.k_dim)
         return self.query_norm(q) if self.query_norm is not None else q
 
-    def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (T, d_in) -> slot ids (T, H, knn), softmax weights (T, H, knn)."""
-        scores, ids = kernels.pk_topk(self.queries(x), self.keys, self.cfg.knn)  # (T, H, knn) each
-        return ids, F.softmax(scores, dim=-1)
-
     def balance_loss(self, q: torch.Tensor) -> torch.Tensor:
         """KL(mean_t softmax over sub-keys || uniform), averaged over heads and halves.
 

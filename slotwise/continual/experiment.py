@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from slotwise.evaluation.perplexity import blocks_nll
+from slotwise.evaluation.perplexity import perplexity
 from slotwise.facts import PROBE
 from slotwise.generation import greedy_answers
 from slotwise.qa_metrics import exact_match, f1
@@ -101,10 +101,9 @@ def measure(model, tokenizer, seen: list[dict], known: list[dict], ppl_blocks: t
     model.eval()
     acq = qa_score(model, tokenizer, seen, batch_size)
     kept = qa_score(model, tokenizer, known, batch_size)
-    total, count = blocks_nll(model, ppl_blocks, batch_size=max(1, batch_size // 2))
     return {"acquisition_em": acq["exact_match"], "acquisition_f1": acq["f1"], "learned": acq.get("correct", 0),
             "known_em": kept["exact_match"], "known_kept": kept.get("correct", 0),
-            "heldout_ppl": float(torch.tensor(total / count).exp())}
+            "heldout_ppl": perplexity(model, ppl_blocks, batch_size=max(1, batch_size // 2))}
 
 
 def run_stream(updater, model_for_eval: Callable[[], torch.nn.Module], tokenizer, facts: list[dict], known: list[dict],
