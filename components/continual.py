@@ -50,12 +50,12 @@ def run_method(run: MethodRun, args, p: ContinualParams, facts, known, ppl_block
     model.to(device)
     torch.manual_seed(p.seed)
     try:
-        updater = make_updater(run.method, model, dict(run.params), backgrounds=backgrounds)
+        updater = make_updater(run.method, model, run.params, backgrounds=backgrounds)
     except ValueError as exc:
         raise ConfigError(f"continual.methods[{run.name}]: {exc}") from None
     rows_per_fact: list[int] = []
     curve = run_stream(updater, lambda: updater.model, tokenizer, facts, known, ppl_blocks, p, device, run.name, rows_per_fact)
-    result = {"method": run.method, "params": dict(run.params), "curve": curve}
+    result = {"method": run.method, "params": dataclasses.asdict(run.params), "curve": curve}
     delta = None
     if base is not None:
         delta = extract_delta(base, model.cpu(), meta={"method": run.name, "base_checkpoint_hash": model_hash(args.model)})
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     facts = [f for f in all_facts if not (p.only_unknown and f.get("known"))][: p.n_facts]
     if len(facts) < p.n_facts:
         log.warning("only %d facts available (asked for %d)", len(facts), p.n_facts)
-    needs_table = any(m.method == "smf" and m.params.get("score", "tfidf") in ("tfidf", "kl") for m in p.methods)
+    needs_table = any(m.method == "smf" and m.params.needs_background for m in p.methods)
     backgrounds = load_backgrounds(args.stats, args.model) if needs_table else None
 
     start_model, tokenizer = load_checkpoint(args.model)

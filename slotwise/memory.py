@@ -22,14 +22,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slotwise import kernels
+from slotwise.schema import at_most, check, even, positive
 
 
 @dataclass
 class MemoryConfig:
-    n_keys: int = 128  # sub-keys per half: N = n_keys**2 slots
-    heads: int = 4
-    knn: int = 16  # slots read per head and token
-    k_dim: int = 256  # query / key width (two halves of k_dim // 2)
+    n_keys: int = positive(128)  # sub-keys per half: N = n_keys**2 slots
+    heads: int = positive(4)
+    knn: int = at_most("n_keys", 16)  # slots read per head and token
+    k_dim: int = even(256)  # query / key width (two halves of k_dim // 2)
     v_dim: int | None = None  # value row width; None = the model's hidden size
     memory_plus: bool = True  # gate the read-out: W2(y * silu(W1 x))
     query_norm: bool = True  # layer norm on each head's query (keeps slot usage from collapsing)
@@ -37,6 +38,9 @@ class MemoryConfig:
     sparse_grad: bool = False  # values get sparse gradients (for SparseAdam on ~1M-row pools)
     value_init_std: float | None = None  # None = v_dim ** -0.5
     out_init_std: float = 0.0  # W2 init; 0 makes a retrofit exactly the base model
+
+    def __post_init__(self):
+        check(self, "memory")
 
 
 class MemoryOutput(NamedTuple):
@@ -62,10 +66,6 @@ class ValuePool(nn.Module):
 class ProductKeyMemory(nn.Module):
     def __init__(self, d_in: int, d_out: int, cfg: MemoryConfig, values: ValuePool | None = None):
         super().__init__()
-        if cfg.k_dim % 2:
-            raise ValueError(f"memory.k_dim must be even (two half-queries), got {cfg.k_dim}")
-        if cfg.knn > cfg.n_keys:
-            raise ValueError(f"memory.knn ({cfg.knn}) must not exceed memory.n_keys ({cfg.n_keys})")
         self.cfg = cfg
         v_dim = cfg.v_dim or d_out
         self.query = nn.Linear(d_in, cfg.heads * cfg.k_dim, bias=False)

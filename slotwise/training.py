@@ -25,8 +25,14 @@ from tqdm.auto import tqdm
 from slotwise.atomic import staged_dir
 from slotwise.optim import OptimParams, build_optimizers, build_schedulers, trainable_groups
 from slotwise.retrofit import record_lookups
+from slotwise.schema import Choice
 
 log = logging.getLogger("slotwise.train")
+
+
+class Trainable(Choice):
+    memory = "memory"  # the memory layers only
+    all = "all"  # every weight
 
 
 @dataclass
@@ -38,7 +44,7 @@ class LoopParams:
     save_every: int = 10
     seed: int = 0
     balance_weight: float = 0.03  # sub-key balancing loss (0 disables)
-    trainable: str = "memory"  # memory | all
+    trainable: Trainable = Trainable.memory
     optim: OptimParams = field(default_factory=OptimParams)
 
 

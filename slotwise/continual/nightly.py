@@ -97,12 +97,6 @@ def served_delta_dir(path: str | None) -> Path | None:
     raise DeltaError(f"{path}: not a sparse delta directory (no {META}) nor a serving directory with current/")
 
 
-def smf_params(n: NightlyParams) -> dict:
-    s = n.smf
-    return {"score": s.score, "top_t": s.top_t, "lr": s.lr, "optimizer": s.optimizer, "count_on": s.count_on,
-            "max_df_fraction": s.max_df_fraction, "seed": n.seed}
-
-
 def load_served(model_dir: Path, deltas: str | None):
     """Base checkpoint + the served delta applied -> (model, tokenizer, served delta or None)."""
     model, tokenizer = load_checkpoint(model_dir)  # verifies every file against manifest.json
@@ -125,12 +119,12 @@ def sparse_update(model, tokenizer, facts: list[dict], bgs, n: NightlyParams, de
     """SMF over the facts (one batch of paraphrases per fact, steps_per_fact steps) -> (delta vs the start, losses)."""
     start = copy.deepcopy(model)
     torch.manual_seed(n.seed)
-    updater = make_updater("smf", model.to(device), smf_params(n), backgrounds=bgs)
+    updater = make_updater("smf", model.to(device), n.smf, backgrounds=bgs)
     model.train()
     losses = []
     for fact in facts:
         batch = {k: v.to(device) for k, v in fact_batch(fact, tokenizer, n.include_statement, n.max_len).items()}
-        for _ in range(n.smf.steps_per_fact):
+        for _ in range(n.steps_per_fact):
             losses.append(updater.step(batch)["loss"])
     model.cpu().eval()
     return extract_delta(start, model), losses
