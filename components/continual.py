@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Each finished method is kept in a sibling folder until the stage publishes: a killed run
     # (a time limit, a preempted GPU) restarts at the first method it had not finished.
+    # Why a cache beside DVC's: DVC reruns a stage whole and cannot resume inside one, and a GPU run of
+    # all methods takes hours; it is keyed by everything the result depends on and removed on success.
     parts = Path(args.out).with_name(f".{Path(args.out).name}.parts")
     common = {"continual": {k: v for k, v in dataclasses.asdict(p).items() if k != "methods"},
               "model": model_hash(args.model), "facts": [f["id"] for f in facts]}
