@@ -69,14 +69,3 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)
-
-
-def resolve_device(name: str, key: str = "device"):
-    """params `device` (auto | cpu | cuda) -> torch.device; `key` names the param in the error."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"key '{key}': cuda requested but no CUDA device is available")
-    return torch.device(name)

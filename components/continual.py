@@ -37,6 +37,7 @@ from slotwise.continual.selection import load_backgrounds
 from slotwise.continual.updaters import make_updater
 from slotwise.evaluation.perplexity import token_blocks
 from slotwise.retrofit import memory_layers
+from slotwise.schema import resolve_device
 from slotwise.sources import read_jsonl
 
 log = logging.getLogger("slotwise.continual")
@@ -52,12 +53,12 @@ def run_method(run: MethodRun, args, p: ContinualParams, facts, known, ppl_block
     model.to(device)
     torch.manual_seed(p.seed)
     try:
-        updater = make_updater(run.method, model, dict(run.params), backgrounds=backgrounds)
+        updater = make_updater(run.method, model, run.params, backgrounds=backgrounds)
     except ValueError as exc:
         raise ConfigError(f"continual.methods[{run.name}]: {exc}") from None
     rows_per_fact: list[int] = []
     curve = run_stream(updater, lambda: updater.model, tokenizer, facts, known, ppl_blocks, p, device, run.name, rows_per_fact, run)
-    result = {"method": run.method, "group": run.group or run.name, "params": dict(run.params), "curve": curve}
+    result = {"method": run.method, "group": run.group or run.name, "params": dataclasses.asdict(run.params), "curve": curve}
     delta = None
     if base is not None:
         delta = extract_delta(base, model.cpu(), meta={"method": run.name, "base_checkpoint_hash": model_hash(args.model)})
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_params(args.params, args.overrides)
     p: ContinualParams = params.continual
-    device = torch.device("cuda" if p.device == "auto" and torch.cuda.is_available() else ("cpu" if p.device == "auto" else p.device))
+    device = resolve_device(p.device, "continual.device")
     data = Path(args.data)
     random.seed(p.seed)
 
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(facts) < p.n_facts:
         log.warning("only %d facts available (asked for %d)", len(facts), p.n_facts)
     runs = expand_sweeps(p.methods)
-    needs_table = any(m.method == "smf" and m.params.get("score", "tfidf") in ("tfidf", "kl") for m in runs)
+    needs_table = any(m.method == "smf" and m.params.needs_background for m in runs)
     backgrounds = load_backgrounds(args.stats, args.model) if needs_table else None
 
     start_model, tokenizer = load_checkpoint(args.model)
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Each finished method is kept in a sibling folder until the stage publishes: a killed run
     # (a time limit, a preempted GPU) restarts at the first method it had not finished.
+    # Why a cache beside DVC's: DVC reruns a stage whole and cannot resume inside one, and a GPU run of
+    # all methods takes hours; it is keyed by everything the result depends on and removed on success.
     parts = Path(args.out).with_name(f".{Path(args.out).name}.parts")
     common = {"continual": {k: v for k, v in dataclasses.asdict(p).items() if k != "methods"},
               "model": model_hash(args.model), "facts": [f["id"] for f in facts]}

@@ -18,6 +18,7 @@ Writes, atomically, into --out:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -28,15 +29,17 @@ import torch
 
 from slotwise.atomic import staged_dir
 from slotwise.checkpoint import CheckpointError, MANIFEST, RETROFIT_FILE, load_checkpoint, model_hash
-from slotwise.components._cli import component_parser, resolve_device, run_cli
+from slotwise.components._cli import component_parser, run_cli
 from slotwise.config import ConfigError, load_params, write_resolved
-from slotwise.evaluation.facts import fact_acquisition, read_jsonl
+from slotwise.evaluation.facts import fact_acquisition
 from slotwise.evaluation.memory_switch import memory_disabled, memory_mode
 from slotwise.evaluation.params import EvaluateParams
 from slotwise.evaluation.perplexity import heldout_perplexity, token_blocks
 from slotwise.evaluation.plots import score_rows, write_scores
 from slotwise.evaluation.tasks import rendered_tasks, run_tasks, task_file
 from slotwise.models import load_base_model
+from slotwise.schema import resolve_device
+from slotwise.sources import read_jsonl
 
 log = logging.getLogger("slotwise.evaluate")
 HELDOUT = Path("background") / "heldout.jsonl"
@@ -87,7 +90,7 @@ def load_model(source: str, dtype: torch.dtype, device: torch.device):
 
 def perplexity_metrics(model, tokenizer, p: EvaluateParams, data_dir: Path) -> dict:
     pp = p.perplexity
-    texts = (row["text"] for row in read_jsonl(data_dir / HELDOUT))
+    texts = (row["text"] for _, row in read_jsonl(data_dir / HELDOUT, ("text",)))
     blocks = token_blocks(tokenizer, texts, pp.seq_len, pp.max_blocks)
     if len(blocks) == 0:
         raise ConfigError(f"key 'evaluate.perplexity.seq_len': {data_dir / HELDOUT} has fewer than {pp.seq_len} tokens (one block)")
@@ -113,7 +116,7 @@ def evaluate(model, tokenizer, p: EvaluateParams, data_dir: str | Path) -> tuple
         metrics["perplexity"] = perplexity_metrics(model, tokenizer, p, data_dir)
     fact_rows: list[dict] = []
     if p.facts.enabled:
-        facts = read_jsonl(data_dir / FACTS, p.facts.limit)
+        facts = [row for _, row in itertools.islice(read_jsonl(data_dir / FACTS, ("probe", "answers")), p.facts.limit)]
         metrics["facts"], fact_rows = fact_acquisition(model, tokenizer, facts, p.facts.max_new_tokens, p.batch_size, progress="facts")
     return metrics, fact_rows
 

@@ -29,10 +29,11 @@ from pathlib import Path
 from slotwise import storage
 from slotwise.atomic import staged_dir
 from slotwise.checkpoint import CheckpointError, load_checkpoint
-from slotwise.components._cli import component_parser, resolve_device, run_cli
+from slotwise.components._cli import component_parser, run_cli
 from slotwise.config import NightlyParams, load_params, to_yaml
 from slotwise.continual.delta import DeltaError, apply_delta, load_delta, revert_delta, with_old_rows
 from slotwise.continual.nightly import Probes, decide, fact_files, read_facts, served_delta_dir
+from slotwise.schema import resolve_device
 
 log = logging.getLogger("slotwise.gate")
 

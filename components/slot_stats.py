@@ -31,9 +31,10 @@ import torch
 
 from slotwise.atomic import sha256_file, staged_dir
 from slotwise.checkpoint import CheckpointError, load_checkpoint, model_hash
-from slotwise.components._cli import component_parser, resolve_device, run_cli
+from slotwise.components._cli import component_parser, run_cli
 from slotwise.config import ConfigError, SlotStatsParams, load_params, to_yaml
 from slotwise.retrofit import memory_layers
+from slotwise.schema import resolve_device
 from slotwise.slot_stats import LayerStats, collect, pool_groups, summarize
 from slotwise.slot_table import TABLE_FILE, SlotTable, from_collect, save_table
 from slotwise.text_blocks import fixed_batches, pack_blocks, read_texts

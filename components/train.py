@@ -25,11 +25,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from slotwise.atomic import sha256_file
 from slotwise.checkpoint import load_checkpoint, model_hash, read_retrofit_config, save_checkpoint
-from slotwise.components._cli import component_parser, resolve_device, run_cli
+from slotwise.components._cli import component_parser, run_cli
 from slotwise.config import ConfigError, Params, load_params, to_yaml
-from slotwise.diagnostics import memory_report, perplexity
+from slotwise.diagnostics import memory_report
+from slotwise.evaluation.perplexity import perplexity
 from slotwise.memory import MemoryConfig
 from slotwise.retrofit import RetrofitConfig, decoder_layers, memory_layers, retrofit
+from slotwise.schema import resolve_device
 from slotwise.sources import DataError, read_jsonl
 from slotwise.text_blocks import BlockSchedule, ExampleSchedule, fixed_batches, lm_batch, pack_blocks, prompt_answer_examples, read_texts
 from slotwise.training import train
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                  t.loop.max_steps, schedule.epochs(t.loop.max_steps))
     eval_batches = [{k: v.to(device) for k, v in lm_batch(b).items()} for b in eval_blocks]
 
-    base_ppl = perplexity(model, [b.to(device) for b in eval_blocks])
+    base_ppl = perplexity(model, torch.cat(eval_blocks).to(device), batch_size=len(eval_blocks[0]))
     # Pretraining trains every weight; heal and SFT train what train.loop.trainable says.
     loop = dataclasses.replace(t.loop, trainable="all") if t.mode == "pretrain" else t.loop
     # A state from a run with other params, another starting model or other data is not resumed.

@@ -14,11 +14,12 @@
 --out     the new *cumulative* delta directory (delta.safetensors + delta.json): base checkpoint ->
           served delta -> these facts, i.e. stack(served, new), written atomically
 
-Params: `nightly` (nightly.smf: score, top_t, lr, optimizer, count_on, steps_per_fact; max_len,
+Params: `nightly` (nightly.smf: the SMF schema, slotwise.continual.smf.SMFConfig; steps_per_fact, max_len,
 include_statement, max_facts, device, seed). No facts -> exit 0, nothing written, and it says so.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -26,11 +27,12 @@ from pathlib import Path
 
 from slotwise import storage
 from slotwise.checkpoint import CheckpointError, model_hash
-from slotwise.components._cli import component_parser, resolve_device, run_cli
+from slotwise.components._cli import component_parser, run_cli
 from slotwise.config import NightlyParams, load_params
 from slotwise.continual.delta import DeltaError, save_delta
-from slotwise.continual.nightly import cumulative, fact_files, load_served, read_facts, smf_params, sparse_update
+from slotwise.continual.nightly import cumulative, fact_files, load_served, read_facts, sparse_update
 from slotwise.continual.selection import load_backgrounds
+from slotwise.schema import resolve_device
 
 log = logging.getLogger("slotwise.update")
 
@@ -63,14 +65,14 @@ def run(args) -> int:
         stats_dir = storage.fetch(args.stats, Path(tmp) / "stats")
         device = resolve_device(n.device, "nightly.device")
         model, tokenizer, served = load_served(model_dir, args.deltas)
-        bgs = load_backgrounds(stats_dir, model_dir) if n.smf.score in ("tfidf", "kl") or n.smf.max_df_fraction is not None else None
+        bgs = load_backgrounds(stats_dir, model_dir) if n.smf.needs_background else None
         log.info("updating %s%s on %d facts from %d file(s) (SMF %s, top_t %d, %s lr %g, %d steps per fact)", args.model,
                  f" + served delta ({served.meta.get('updates', 1)} update(s))" if served else "", len(facts), len(files),
-                 n.smf.score, n.smf.top_t, n.smf.optimizer, n.smf.lr, n.smf.steps_per_fact)
+                 n.smf.score, n.smf.top_t, n.smf.optimizer, n.smf.lr, n.steps_per_fact)
         new, losses = sparse_update(model, tokenizer, facts, bgs, n, device)
         update = {"facts": [f["id"] for f in facts], "files": [str(f) for f in args.facts], "n_facts": len(facts),
                   "rows": new.n_rows, "loss_first": losses[0], "loss_last": losses[-1],
-                  "smf": {**smf_params(n), "steps_per_fact": n.smf.steps_per_fact},
+                  "smf": {**dataclasses.asdict(n.smf), "steps_per_fact": n.steps_per_fact},
                   "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         delta = cumulative(served, new, {"base_checkpoint_hash": model_hash(model_dir), "base_model": str(args.model), "update": update})
         save_delta(delta, args.out)

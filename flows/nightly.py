@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 
 from slotwise import storage
 from slotwise.continual import serving
-from slotwise.continual.nightly import drop_files
+from slotwise.continual.nightly import jsonl_files
 from slotwise.flows.tasks import retry_unless_user_error, run_component
 
 
@@ -42,7 +42,7 @@ from slotwise.flows.tasks import retry_unless_user_error, run_component
 def list_new(drop: str, serve: str) -> list[str]:
     """The drop's *.jsonl files (local paths or s3:// URIs) that no registry entry lists, sorted."""
     seen = serving.consumed(serving.read_registry(serve))
-    return [u for u in drop_files(drop) if u not in seen]
+    return [u for u in jsonl_files(drop) if u not in seen]
 
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)

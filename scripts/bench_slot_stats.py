@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from slotwise.schema import Device, resolve_device
 from slotwise.slot_stats import collect
 
 
@@ -78,13 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shared", action="store_true", help="tiny model: one value pool shared by both memory layers")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", choices=Device.values())
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 gives steadier numbers on a shared machine)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device, "--device")
     if args.model:
         from slotwise.checkpoint import load_checkpoint
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 from pathlib import Path
 
-import torch
-
+from slotwise.atomic import staged_file
 from slotwise.checkpoint import load_checkpoint
 from slotwise.facts import Fact, mark_known_with
+from slotwise.schema import resolve_device
 from slotwise.sources import read_jsonl
 
 
@@ -28,11 +27,10 @@ def main() -> None:
     args = ap.parse_args()
     facts = [Fact(**r) for _, r in read_jsonl(Path(args.facts))]
     model, tokenizer = load_checkpoint(args.model)
-    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    model.to(resolve_device("auto")).eval()
     mark_known_with(facts, model, tokenizer, args.batch_size)  # the data stage's own rule
-    tmp = Path(args.facts).with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(dataclasses.asdict(f)) + "\n" for f in facts))
-    os.replace(tmp, args.facts)
+    with staged_file(args.facts) as tmp:
+        tmp.write_text("".join(json.dumps(dataclasses.asdict(f)) + "\n" for f in facts))
     print(f"{args.facts}: {sum(f.known for f in facts)} of {len(facts)} facts known")
 
 

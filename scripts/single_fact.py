@@ -18,20 +18,13 @@ from slotwise.checkpoint import load_checkpoint
 from slotwise.continual.experiment import fact_batch, qa_score
 from slotwise.continual.selection import load_backgrounds
 from slotwise.continual.updaters import make_updater
-from slotwise.evaluation.perplexity import blocks_nll, token_blocks
+from slotwise.evaluation.perplexity import perplexity, token_blocks
 from slotwise.sources import read_jsonl
 
 
 def answer_loss(model, batch) -> float:
     with torch.no_grad():
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.item()
-
-
-def perplexity(model, blocks: torch.Tensor | None) -> float | None:
-    if blocks is None or len(blocks) == 0:
-        return None
-    total, count = blocks_nll(model, blocks, batch_size=4)
-    return float(torch.tensor(total / count).exp())
 
 
 def run(model_dir: str, facts: list[dict], method: str, params: dict, steps: int, backgrounds,
@@ -44,7 +37,7 @@ def run(model_dir: str, facts: list[dict], method: str, params: dict, steps: int
         if blocks is None and heldout:
             blocks = token_blocks(tokenizer, heldout, seq_len=128, max_blocks=ppl_blocks)
         model.eval()
-        ppl_before = perplexity(model, blocks)
+        ppl_before = perplexity(model, blocks, batch_size=4) if blocks is not None and len(blocks) else None
         updater = make_updater(method, model, dict(params), backgrounds=backgrounds)
         batch = fact_batch(fact, tokenizer, include_statement=True, max_len=96)
         losses = [answer_loss(updater.model, batch)]
@@ -54,7 +47,7 @@ def run(model_dir: str, facts: list[dict], method: str, params: dict, steps: int
             updater.model.eval()
             losses.append(answer_loss(updater.model, batch))
         probe = qa_score(updater.model, tokenizer, [fact], batch_size=1)
-        ppl_after = perplexity(updater.model, blocks)
+        ppl_after = perplexity(updater.model, blocks, batch_size=4) if ppl_before is not None else None
         rows.append({"id": fact["id"], "answer": fact["answers"][0], "losses": losses, "learned": bool(probe["exact_match"]),
                      "f1": probe["f1"], "ppl_before": ppl_before, "ppl_after": ppl_after})
         ppl = "" if ppl_before is None else f"  ppl {ppl_before:.2f} -> {ppl_after:.2f}"

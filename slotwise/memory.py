@@ -22,14 +22,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slotwise import kernels
+from slotwise.schema import Choice, at_most, check, even, positive
+
+
+class Balance(Choice):
+    """The sub-key balancing loss a memory adds in training mode (see ProductKeyMemory.balance_loss)."""
+    soft = "soft"
+    hard = "hard"
+    none = "none"
 
 
 @dataclass
 class MemoryConfig:
-    n_keys: int = 128  # sub-keys per half: N = n_keys**2 slots
-    heads: int = 4
-    knn: int = 16  # slots read per head and token
-    k_dim: int = 256  # query / key width (two halves of k_dim // 2)
+    n_keys: int = positive(128)  # sub-keys per half: N = n_keys**2 slots
+    heads: int = positive(4)
+    knn: int = at_most("n_keys", 16)  # slots read per head and token
+    k_dim: int = even(256)  # query / key width (two halves of k_dim // 2)
     v_dim: int | None = None  # value row width; None = the model's hidden size
     memory_plus: bool = True  # gate the read-out: W2(y * silu(W1 x))
     query_norm: bool = True  # layer norm on each head's query (keeps slot usage from collapsing)
@@ -37,10 +45,10 @@ class MemoryConfig:
     sparse_grad: bool = False  # values get sparse gradients (for SparseAdam on ~1M-row pools)
     value_init_std: float | None = None  # None = v_dim ** -0.5
     out_init_std: float = 0.0  # W2 init; 0 makes a retrofit exactly the base model
-    balance: str = "soft"  # sub-key balancing loss in training mode: soft | hard | none (see balance_loss)
+    balance: Balance = Balance.soft  # sub-key balancing loss in training mode (see ProductKeyMemory.balance_loss)
 
-
-BALANCES = ("soft", "hard", "none")
+    def __post_init__(self):
+        check(self, "memory")
 
 
 class MemoryOutput(NamedTuple):
@@ -66,12 +74,6 @@ class ValuePool(nn.Module):
 class ProductKeyMemory(nn.Module):
     def __init__(self, d_in: int, d_out: int, cfg: MemoryConfig, values: ValuePool | None = None):
         super().__init__()
-        if cfg.k_dim % 2:
-            raise ValueError(f"memory.k_dim must be even (two half-queries), got {cfg.k_dim}")
-        if cfg.balance not in BALANCES:
-            raise ValueError(f"memory.balance must be one of {BALANCES}, got {cfg.balance!r}")
-        if cfg.knn > cfg.n_keys:
-            raise ValueError(f"memory.knn ({cfg.knn}) must not exceed memory.n_keys ({cfg.n_keys})")
         self.cfg = cfg
         v_dim = cfg.v_dim or d_out
         self.query = nn.Linear(d_in, cfg.heads * cfg.k_dim, bias=False)
@@ -98,11 +100,6 @@ class ProductKeyMemory(nn.Module):
         """x (T, d_in) -> q (T, H, K)."""
         q = self.query(x).view(x.shape[0], self.cfg.heads, self.cfg.k_dim)
         return self.query_norm(q) if self.query_norm is not None else q
-
-    def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (T, d_in) -> slot ids (T, H, knn), softmax weights (T, H, knn)."""
-        scores, ids = kernels.pk_topk(self.queries(x), self.keys, self.cfg.knn)  # (T, H, knn) each
-        return ids, F.softmax(scores, dim=-1)
 
     def balance_loss(self, q: torch.Tensor) -> torch.Tensor | None:
         """A loss that spreads the reads over the sub-keys (per head and half, averaged), or None.

@@ -14,8 +14,12 @@ from dataclasses import dataclass, field
 import torch
 
 from slotwise.retrofit import memory_layers, memory_parameters
+from slotwise.schema import Choice
 
-SCHEDULES = ("cosine", "constant")
+class Schedule(Choice):
+    cosine = "cosine"  # warmup, then cosine decay to min_lr_ratio
+    constant = "constant"  # warmup, then constant
+
 
 
 @dataclass
@@ -26,7 +30,7 @@ class OptimParams:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 10
-    schedule: str = "cosine"
+    schedule: Schedule = Schedule.cosine
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # on the dense parameters; 0 disables
 

@@ -18,14 +18,20 @@ import torch
 import torch.nn as nn
 
 from slotwise.memory import MemoryConfig, MemoryOutput, ProductKeyMemory, ValuePool, memory_param_counts
+from slotwise.schema import Choice
 
-MODES = ("additive", "replace")
+class RetrofitMode(Choice):
+    additive = "additive"  # mlp(x) + alpha * memory(x)
+    replace = "replace"  # memory(x) in place of the FFN
+
+
+MODES = RetrofitMode.values()
 
 
 @dataclass
 class RetrofitConfig:
     layers: list[int] = field(default_factory=lambda: [8, 15, 22])
-    mode: str = "additive"
+    mode: RetrofitMode = RetrofitMode.additive
     alpha: float = 1.0  # scale of the memory branch in additive mode
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 

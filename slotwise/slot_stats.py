@@ -22,12 +22,12 @@ Summary measures (the heal's targets):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from slotwise import kernels
+from slotwise.schema import Choice
 from slotwise.retrofit import memory_layers, record_lookups
 
 
@@ -43,7 +43,7 @@ class LayerStats:
     def empty(cls, n_slots: int) -> "LayerStats":
         return cls(n_slots, torch.zeros(n_slots, dtype=torch.long), torch.zeros(n_slots, dtype=torch.long))
 
-    def add_batch(self, ids: torch.Tensor, mask: torch.Tensor | None, doc_unit: DocUnit = "batch") -> torch.Tensor:
+    def add_batch(self, ids: torch.Tensor, mask: torch.Tensor | None, doc_unit: str = "batch") -> torch.Tensor:
         """ids (B, S, H, knn), mask (B, S) (True = real token) -> this batch's counts (N,) int64.
 
         doc_unit "batch": the batch is one document; "sequence": each of its B rows is one."""
@@ -73,8 +73,10 @@ class LayerStats:
         return LayerStats(self.n_slots, self.counts.to(device), self.df.to(device), self.n_batches, self.n_tokens)
 
 
-DocUnit = Literal["batch", "sequence"]
-DOC_UNITS = ("batch", "sequence")
+class DocUnit(Choice):
+    """What one "document" of the document frequencies is."""
+    sequence = "sequence"  # one block of the batch (Lin et al. count against background sequences)
+    batch = "batch"  # one whole batch
 
 
 def batch_counts(ids: torch.Tensor, mask: torch.Tensor | None, n_slots: int) -> torch.Tensor:
@@ -125,14 +127,13 @@ def pool_groups(model) -> dict[str, list[int]]:
 
 @torch.no_grad()
 def collect(model, batches: list[torch.Tensor], masks: list[torch.Tensor] | None = None,
-            progress: str | None = None, doc_unit: DocUnit = "batch") -> tuple[dict[int, LayerStats], dict[str, LayerStats]]:
+            progress: str | None = None, doc_unit: str = "batch") -> tuple[dict[int, LayerStats], dict[str, LayerStats]]:
     """Run the model over the batches (input ids (B, S)) and count what the memory read.
 
     Returns (per layer, per value pool). A shared pool's counts sum over its layers and a document
     counts once towards its df if any of its layers read the slot.
     """
-    if doc_unit not in DOC_UNITS:
-        raise ValueError(f"doc_unit must be one of {DOC_UNITS}, got {doc_unit!r}")
+    doc_unit = DocUnit(doc_unit)
     layers = memory_layers(model)
     if not layers:
         raise ValueError("the model has no memory layers (retrofit it first)")

@@ -21,8 +21,6 @@ kind "layer"), since a shared pool's df is not a function of its layers' dfs.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from slotwise.atomic import staged_file
 from slotwise.errors import SlotTableError
 from slotwise.slot_stats import LayerStats
 
@@ -88,7 +87,6 @@ def from_collect(per_layer: dict[int, LayerStats], per_pool: dict[str, LayerStat
 def save_table(table: SlotTable, path: str | Path) -> Path:
     """Write the table to path atomically (a temporary sibling renamed into place)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors, entries = {}, {}
     for kind, group in (("pool", table.pools), ("layer", table.layers)):
         for name, s in group.items():
@@ -98,15 +96,8 @@ def save_table(table: SlotTable, path: str | Path) -> Path:
             entries[name] = {"kind": kind, "layers": layers, "n_slots": s.n_slots,
                              "n_batches": s.n_batches, "n_tokens": s.n_tokens}
     meta = {"format": FORMAT, **table.meta, "tables": entries}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
     return path
 
 

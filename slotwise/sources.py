@@ -26,8 +26,16 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from slotwise.errors import DataError
+from slotwise.schema import Choice
 
-SOURCES = ("packages", "local", "hub")
+
+class Source(Choice):
+    packages = "packages"
+    local = "local"
+    hub = "hub"
+
+
+SOURCES = Source.values()
 DATASETS = ("triviaqa", "nq_open", "hellaswag", "arc_easy", "arc_challenge", "piqa", "lambada", "gsm8k", "wikipedia", "wikitext2")
 
 

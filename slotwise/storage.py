@@ -45,11 +45,10 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path, PurePosixPath
 
-from slotwise.atomic import sha256_file
+from slotwise.atomic import sha256_file, staged_dir, staged_file
 from slotwise.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -342,28 +341,20 @@ def _fetch_file(c, uri, bucket, key, head, dest: Path, options: S3Options) -> Pa
     if expected is None and options.require_checksum:
         raise StorageError(f"{uri}: object has no sha256 metadata (not published by slotwise.storage); "
                            f"refusing to read it unverified")
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
-    os.close(fd)
-    try:
+    with staged_file(dest) as tmp:
         with _progress(head.get("ContentLength", 0), dest.name, options) as bar:
-            _download_file(c, bucket, key, Path(tmp), options, bar)
+            _download_file(c, bucket, key, tmp, options, bar)
         if expected is not None and sha256_file(tmp) != expected:
             raise StorageError(f"{uri}: sha256 does not match the object's metadata (corrupted or modified "
                                f"object); refusing it")
-        os.chmod(tmp, 0o644)
         if dest.is_dir():
             shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return dest
 
 
 def _fetch_dir(c, uri, bucket, key, pointer: dict, dest: Path, options: S3Options) -> Path:
     version, files = pointer["version"], pointer["files"]
-    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with staged_dir(dest) as stage:
         total = sum(meta["size"] for meta in files.values())
         with _progress(total, dest.name, options) as bar:
             for rel, meta in sorted(files.items()):
@@ -381,10 +372,6 @@ def _fetch_dir(c, uri, bucket, key, pointer: dict, dest: Path, options: S3Option
                     raise StorageError(f"{uri}/{rel}: sha256 does not match the published manifest ({SCHEME}"
                                        f"{bucket}/{obj} is corrupted or modified); refusing this artifact")
         _verify_checkpoint_manifest(stage, uri)
-        _swap_into_place(stage, dest)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     log.info("%s: fetched %s (%d files) -> %s", uri, version, len(files), dest)
     return dest
 
@@ -405,19 +392,6 @@ def _verify_checkpoint_manifest(root: Path, uri: str) -> None:
         f = root / name
         if not f.is_file() or sha256_file(f) != digest:
             raise StorageError(f"{uri}/{name}: does not match the artifact's {CHECKPOINT_MANIFEST}; refusing it")
-
-
-def _swap_into_place(stage: Path, dest: Path) -> None:
-    os.chmod(stage, 0o755)
-    for p in stage.rglob("*"):
-        os.chmod(p, 0o755 if p.is_dir() else 0o644)
-    old = None
-    if dest.exists() or dest.is_symlink():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        dest.rename(old)
-    stage.rename(dest)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
 def publish(local_path: str | os.PathLike, uri: str | os.PathLike, options: S3Options | None = None,
@@ -504,25 +478,12 @@ def _collect_garbage(c, uri, bucket, key, keep: int, options: S3Options) -> None
 def _publish_local(local: Path, dest: Path) -> None:
     if dest.exists() and dest.resolve() == local.resolve():
         return
-    dest.parent.mkdir(parents=True, exist_ok=True)
     if local.is_file():
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
-        os.close(fd)
-        try:
+        with staged_file(dest) as tmp:
             shutil.copyfile(local, tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return
-    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with staged_dir(dest) as stage:
         shutil.copytree(local, stage, dirs_exist_ok=True)
-        _swap_into_place(stage, dest)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
 
 
 __all__ = ["StorageError", "S3Options", "is_s3", "split_s3", "fetch", "publish", "exists", "list_prefix", "client"]

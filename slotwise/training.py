@@ -26,8 +26,14 @@ from tqdm.auto import tqdm
 from slotwise.atomic import staged_dir
 from slotwise.optim import OptimParams, build_optimizers, build_schedulers, trainable_groups
 from slotwise.retrofit import record_lookups
+from slotwise.schema import Choice
 
 log = logging.getLogger("slotwise.train")
+
+
+class Trainable(Choice):
+    memory = "memory"  # the memory layers only
+    all = "all"  # every weight
 
 
 @dataclass
@@ -43,7 +49,7 @@ class LoopParams:
     # the removed FFN's output on the same input (the base model's FFN, frozen; a dense per-token
     # target the LM loss alone gives only through the layers above). 0 disables.
     distil_weight: float = 0.0
-    trainable: str = "memory"  # memory | all
+    trainable: Trainable = Trainable.memory
     optim: OptimParams = field(default_factory=OptimParams)
 
 

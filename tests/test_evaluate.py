@@ -17,13 +17,14 @@ from slotwise.checkpoint import save_checkpoint
 from slotwise.components._cli import run_cli
 from slotwise.evaluation.facts import fact_acquisition, score_answers
 from slotwise.evaluation.memory_switch import memory_disabled, memory_mode
-from slotwise.evaluation.params import TASKS, EvaluateParams
+from slotwise.evaluation.params import EvaluateParams
 from slotwise.evaluation.perplexity import heldout_perplexity
 from slotwise.evaluation.tasks import TEMPLATES, rendered_tasks, run_tasks
 from slotwise.generation import greedy_answers
 from slotwise.memory import MemoryConfig
 from slotwise.qa_metrics import exact_match, f1 as f1_score, normalize_answer
 from slotwise.retrofit import RetrofitConfig, retrofit
+from slotwise.schema import TASKS
 
 from slotwise.components import evaluate as component
 

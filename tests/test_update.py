@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 QA, CFG = SAMPLE_QA, SMALL_MEMORY_CFG
 PARAMS = """
 nightly:
-  smf: {score: tfidf, top_t: 8, lr: 0.01, optimizer: adam, steps_per_fact: 2}
+  smf: {score: tfidf, top_t: 8, lr: 0.01, optimizer: adam}
+  steps_per_fact: 2
   max_retention_drop: 10.0
   device: cpu
   eval: {known_screen: 2, ppl_blocks: 2, ppl_seq_len: 32, tasks: [], batch_size: 4}

@@ -17,52 +17,69 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from slotwise.evaluation.perplexity import blocks_nll
+from slotwise.continual.baselines import FullFTConfig, LoraParams
+from slotwise.continual.grit import GritParams
+from slotwise.continual.smf import SMFConfig
+from slotwise.continual.updaters import Method, build_params
+from slotwise.evaluation.perplexity import perplexity
 from slotwise.facts import PROBE
 from slotwise.generation import greedy_answers
 from slotwise.qa_metrics import exact_match, f1
+from slotwise.schema import Device, Task, check, positive, unique
 from slotwise.text_blocks import pad_examples
 
 
 @dataclass
 class MethodRun:
+    """One entry of `continual.methods`: a tagged union, `params` typed by `method` (updaters.METHODS)."""
     name: str = "smf_tfidf"
-    method: str = "smf"  # smf | full | lora | grit
-    params: dict[str, Any] = field(default_factory=dict)  # the method's own params (see continual.updaters)
+    method: Method = Method.smf
+    params: Any = field(default_factory=dict)  # -> SMFConfig | FullFTConfig | LoraParams | GritParams (a dict merges onto it)
     # The acquisition budget of this method (None: continual.steps_per_fact / continual.until_loss).
-    steps_per_fact: int | None = None
+    steps_per_fact: int | None = positive(None)
     until_loss: float | None = None
     # One run per value, e.g. {lr: [1e-5, 3e-5]} -> runs "<name>@lr=1e-05", ...: the points of this
     # method's learning-vs-forgetting frontier (see continual.frontier).
     sweep: dict[str, list[float]] = field(default_factory=dict)
     group: str | None = None  # the frontier line a run belongs to (set by the sweep; default: name)
 
+    def __post_init__(self):
+        check(self)
+        self.params = build_params(self.method, self.params)
+        known = {f.name for f in dataclasses.fields(self.params)} | {"steps_per_fact", "until_loss"}
+        for key, values in self.sweep.items():
+            if key not in known:
+                raise ValueError(f"key 'continual.methods[{self.name}].sweep.{key}': not a {self.method.value} param "
+                                 f"(expected one of: {', '.join(sorted(known))})")
+            if not values:
+                raise ValueError(f"key 'continual.methods[{self.name}].sweep.{key}': expected a non-empty list of values")
+
 
 @dataclass
 class ContinualParams:
-    n_facts: int = 20  # facts streamed (unknown to the starting model when only_unknown)
+    n_facts: int = positive(20)  # facts streamed (unknown to the starting model when only_unknown)
     only_unknown: bool = True
-    steps_per_fact: int = 3  # optimizer steps per fact (with until_loss: the most it may take)
+    steps_per_fact: int = positive(3)  # optimizer steps per fact (with until_loss: the most it may take)
     until_loss: float | None = None  # stop a fact's steps once its answer loss (before a step) is below this
-    eval_every: int = 10  # facts between measurements
+    eval_every: int = positive(10)  # facts between measurements
     include_statement: bool = True
     max_len: int = 96  # tokens per paraphrase
     known_screen: int = 150  # held-out TriviaQA questions screened for facts the model already knows
     ppl_blocks: int = 4
     ppl_seq_len: int = 128
-    final_tasks: list[str] = field(default_factory=lambda: ["hellaswag", "arc_easy", "piqa"])
+    final_tasks: list[Task] = field(default_factory=lambda: [Task.hellaswag, Task.arc_easy, Task.piqa])
     final_task_limit: int = 40
     batch_size: int = 16  # generation / perplexity batch
-    device: str = "auto"
+    device: Device = Device.auto
     seed: int = 0
     save_deltas: bool = True
-    methods: list[MethodRun] = field(default_factory=lambda: [
-        MethodRun("smf_tfidf", "smf", {"score": "tfidf", "top_t": 500, "optimizer": "adam", "lr": 2e-3, "count_on": "answer"}),
-        MethodRun("smf_kl", "smf", {"score": "kl", "top_t": 500, "optimizer": "adam", "lr": 2e-3, "count_on": "answer"}),
-        MethodRun("full_ft", "full", {"lr": 1e-5}),
-        MethodRun("lora", "lora", {"r": 16, "lr": 2e-4}),
-        MethodRun("grit", "grit", {"r": 16, "lr": 2e-4}),
-    ])
+    methods: list[MethodRun] = unique(lambda: [
+        MethodRun("smf_tfidf", Method.smf, SMFConfig(score="tfidf", top_t=500, optimizer="adam", lr=2e-3, count_on="answer")),
+        MethodRun("smf_kl", Method.smf, SMFConfig(score="kl", top_t=500, optimizer="adam", lr=2e-3, count_on="answer")),
+        MethodRun("full_ft", Method.full, FullFTConfig(lr=1e-5)),
+        MethodRun("lora", Method.lora, LoraParams(r=16, lr=2e-4)),
+        MethodRun("grit", Method.grit, GritParams(r=16, lr=2e-4)),
+    ], by="name", what="method names must be unique")
 
 
 def answer_span_example(text: str, answer: str, tokenizer, max_len: int) -> tuple[list[int], list[int]] | None:
@@ -117,10 +134,9 @@ def measure(model, tokenizer, seen: list[dict], known: list[dict], ppl_blocks: t
     model.eval()
     acq = qa_score(model, tokenizer, seen, batch_size)
     kept = qa_score(model, tokenizer, known, batch_size)
-    total, count = blocks_nll(model, ppl_blocks, batch_size=max(1, batch_size // 2))
     return {"acquisition_em": acq["exact_match"], "acquisition_f1": acq["f1"], "learned": acq.get("correct", 0),
             "known_em": kept["exact_match"], "known_kept": kept.get("correct", 0),
-            "heldout_ppl": float(torch.tensor(total / count).exp())}
+            "heldout_ppl": perplexity(model, ppl_blocks, batch_size=max(1, batch_size // 2))}
 
 
 def run_stream(updater, model_for_eval: Callable[[], torch.nn.Module], tokenizer, facts: list[dict], known: list[dict],
@@ -163,7 +179,3 @@ def relative_drop(before: float | None, after: float | None, higher_is_better: b
     if before in (None, 0) or after is None:
         return None
     return (before - after) / before if higher_is_better else (after - before) / before
-
-
-def method_dict(run: MethodRun) -> dict:
-    return dataclasses.asdict(run)

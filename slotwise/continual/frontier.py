@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from slotwise.continual.experiment import MethodRun
+from slotwise.continual.updaters import build_params
 
 RETENTION_KEYS = ("known_drop", "heldout_ppl_rise")  # relative drops: 0 = nothing lost
 
@@ -37,7 +38,8 @@ def expand_sweeps(methods: list[MethodRun]) -> list[MethodRun]:
                     if key in ("steps_per_fact", "until_loss"):
                         nxt.append(dataclasses.replace(r, name=f"{r.name}@{suffix}", **{key: v}))
                     else:
-                        nxt.append(dataclasses.replace(r, name=f"{r.name}@{suffix}", params={**r.params, key: v}))
+                        params = build_params(r.method, {**dataclasses.asdict(r.params), key: v})
+                        nxt.append(dataclasses.replace(r, name=f"{r.name}@{suffix}", params=params))
             runs = nxt
         out.extend(runs)
     names = [r.name for r in out]

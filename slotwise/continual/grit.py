@@ -52,8 +52,20 @@ import torch
 import torch.nn as nn
 
 from slotwise.continual.baselines import LORA_TARGETS, LossFn, add_lora, causal_lm_loss, lora_target_modules
+from slotwise.schema import Choice, check, constrained, positive
 
-BASES = ("activation", "gradient", "sum")
+class Basis(Choice):
+    activation = "activation"  # A_r
+    gradient = "gradient"  # G_r
+    sum = "sum"  # their trace-normalised sum
+
+
+class GritOptimizer(Choice):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+BASES = Basis.values()
 
 
 # --- the math, on plain tensors -------------------------------------------------------------------
@@ -129,11 +141,11 @@ def reproject(A: torch.Tensor, B: torch.Tensor, U_k: torch.Tensor) -> tuple[torc
 
 @dataclass
 class GritParams:
-    r: int = 16  # initial (= maximum) rank
+    r: int = positive(16)  # initial (= maximum) rank
     alpha: float = 32.0
     dropout: float = 0.0
     lr: float = 2e-4
-    optimizer: str = "adamw"  # adamw | sgd
+    optimizer: GritOptimizer = GritOptimizer.adamw
     momentum: float = 0.0  # sgd only
     weight_decay: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
@@ -141,21 +153,14 @@ class GritParams:
     damping: float = 1e-3  # relative: lambda = damping * tr(F) / r
     ema_decay: float = 0.95  # running factors: F <- decay F + (1 - decay) F_batch
     reproject_every: int = 100  # steps; 0 = never
-    energy: float = 0.9  # cumulative-energy threshold for the rank
-    r_min: int = 1
-    basis: str = "activation"  # activation | gradient | sum
+    energy: float = constrained(0.9, rule=lambda v, _: None if 0 < v <= 1 else "must be in (0, 1]")  # cumulative-energy threshold for the rank
+    r_min: int = constrained(1, rule=lambda v, o: None if 1 <= v <= o.r else f"must be in [1, r={o.r}]")
+    basis: Basis = Basis.activation
     match_grad_norm: bool = True
     max_grad_norm: float | None = None
 
     def __post_init__(self):
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"grit.optimizer must be adamw or sgd, got {self.optimizer!r}")
-        if self.basis not in BASES:
-            raise ValueError(f"grit.basis must be one of {BASES}, got {self.basis!r}")
-        if not 0 < self.energy <= 1:
-            raise ValueError(f"grit.energy must be in (0, 1], got {self.energy}")
-        if not 1 <= self.r_min <= self.r:
-            raise ValueError(f"grit.r_min must be in [1, r={self.r}], got {self.r_min}")
+        check(self, "grit")
 
 
 class GritUpdater:

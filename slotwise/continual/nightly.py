@@ -1,7 +1,7 @@
 """The nightly knowledge update's logic: new fact files -> SMF on the served model -> a cumulative
 sparse delta, and the retention gate that decides whether it is promoted.
 
-    files = drop_files("drop/")                      # *.jsonl under a folder or an s3:// prefix
+    files = jsonl_files("drop/")                     # *.jsonl under a folder or an s3:// prefix
     facts = read_facts(fact_files(files, work), include_statement=True)
     model, tokenizer, served = load_served(base_dir, "serve/current")
     new, losses = sparse_update(model, tokenizer, facts, backgrounds, n, device)
@@ -28,7 +28,7 @@ from slotwise.continual.delta import META, SparseDelta, apply_delta, extract_del
 from slotwise.continual.experiment import fact_batch, qa_score, relative_drop, screen_known
 from slotwise.continual.updaters import make_updater
 from slotwise.errors import CheckpointError, DataError, DeltaError
-from slotwise.evaluation.perplexity import blocks_nll, token_blocks
+from slotwise.evaluation.perplexity import perplexity, token_blocks
 from slotwise.retrofit import memory_layers
 from slotwise.sources import read_jsonl
 
@@ -41,20 +41,30 @@ INFORMATIONAL = ("new_facts_em",)
 
 # --- new facts ------------------------------------------------------------------------------------
 
+def jsonl_files(location: str) -> list[str]:
+    """The *.jsonl files under a folder or an s3:// prefix, sorted (local paths resolved), leaving out
+    hidden ones (a part below `location` starting with a dot); none if the location does not exist."""
+    if storage.is_s3(location):
+        prefix = location.rstrip("/") + "/"
+        return sorted(u for u in storage.list_prefix(location) if u.endswith(".jsonl")
+                      and not any(s.startswith(".") for s in u[len(prefix):].split("/")))
+    root = Path(location)
+    if not root.is_dir():
+        return []
+    return sorted(str(p.resolve()) for p in root.rglob("*.jsonl") if not any(s.startswith(".") for s in p.relative_to(root).parts))
+
+
 def fact_files(sources: list[str], workdir: Path) -> list[Path]:
     """Each --facts source (file or folder, local or s3://) -> local *.jsonl files, sorted per source."""
     files: list[Path] = []
     for i, src in enumerate(sources):
         if storage.is_s3(src):
-            uris = [u for u in storage.list_prefix(src) if u.endswith(".jsonl")] or [src]
-            for j, uri in enumerate(uris):  # drop files are plain objects: no sha256 metadata to check
+            for j, uri in enumerate(jsonl_files(src) or [src]):  # drop files are plain objects: no sha256 metadata
                 files.append(storage.fetch(uri, workdir / f"facts-{i}-{j}", storage.S3Options(require_checksum=False)))
-            continue
-        path = Path(src)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*.jsonl") if not any(part.startswith(".") for part in p.relative_to(path).parts)))
-        elif path.is_file():
-            files.append(path)
+        elif Path(src).is_dir():
+            files.extend(Path(f) for f in jsonl_files(src))
+        elif Path(src).is_file():
+            files.append(Path(src))
         else:
             raise FileNotFoundError(f"{src}: no such facts file or folder")
     return files
@@ -72,20 +82,6 @@ def read_facts(files: list[Path], include_statement: bool) -> list[dict]:
     return facts
 
 
-def drop_files(drop: str) -> list[str]:
-    """The drop location's *.jsonl files (local paths resolved, or s3:// URIs), sorted; none if it does not exist."""
-    if not storage.is_s3(drop):
-        root = Path(drop)
-        if not root.is_dir():
-            return []
-        found = [str(p.resolve()) for p in root.rglob("*.jsonl") if not any(s.startswith(".") for s in p.relative_to(root).parts)]
-    else:
-        prefix = drop.rstrip("/") + "/"
-        found = [u for u in storage.list_prefix(drop) if u.endswith(".jsonl")
-                 and not any(s.startswith(".") for s in u[len(prefix):].split("/"))]
-    return sorted(found)
-
-
 # --- the update -----------------------------------------------------------------------------------
 
 def served_delta_dir(path: str | None) -> Path | None:
@@ -99,12 +95,6 @@ def served_delta_dir(path: str | None) -> Path | None:
     if not p.exists() or (p.is_dir() and not any(p.iterdir())) or (p / "registry.json").is_file():
         return None  # no delta yet, an empty folder, or a serving directory with nothing promoted
     raise DeltaError(f"{path}: not a sparse delta directory (no {META}) nor a serving directory with current/")
-
-
-def smf_params(n: NightlyParams) -> dict:
-    s = n.smf
-    return {"score": s.score, "top_t": s.top_t, "lr": s.lr, "optimizer": s.optimizer, "count_on": s.count_on,
-            "max_df_fraction": s.max_df_fraction, "seed": n.seed}
 
 
 def load_served(model_dir: Path, deltas: str | None):
@@ -129,12 +119,12 @@ def sparse_update(model, tokenizer, facts: list[dict], bgs, n: NightlyParams, de
     """SMF over the facts (one batch of paraphrases per fact, steps_per_fact steps) -> (delta vs the start, losses)."""
     start = copy.deepcopy(model)
     torch.manual_seed(n.seed)
-    updater = make_updater("smf", model.to(device), smf_params(n), backgrounds=bgs)
+    updater = make_updater("smf", model.to(device), n.smf, backgrounds=bgs)
     model.train()
     losses = []
     for fact in facts:
         batch = {k: v.to(device) for k, v in fact_batch(fact, tokenizer, n.include_statement, n.max_len).items()}
-        for _ in range(n.smf.steps_per_fact):
+        for _ in range(n.steps_per_fact):
             losses.append(updater.step(batch)["loss"])
     model.cpu().eval()
     return extract_delta(start, model), losses
@@ -187,8 +177,7 @@ class Probes:
 
     def measure(self, model, tokenizer) -> dict:
         model.to(self.device).eval()
-        total, count = blocks_nll(model, self.blocks.to(self.device), batch_size=self.p.batch_size)
-        out = {"heldout_ppl": float(torch.tensor(total / count).exp()),
+        out = {"heldout_ppl": perplexity(model, self.blocks.to(self.device), batch_size=self.p.batch_size),
                "known_em": qa_score(model, tokenizer, self.known, self.p.batch_size)["exact_match"],
                "new_facts_em": qa_score(model, tokenizer, self.new_facts, self.p.batch_size)["exact_match"]}
         if self.tasks:

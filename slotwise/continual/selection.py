@@ -28,9 +28,18 @@ import torch
 
 from slotwise import kernels
 from slotwise.checkpoint import model_hash
+from slotwise.schema import Choice
 from slotwise.slot_table import TABLE_FILE, load_table
 
-SCORES = ("tfidf", "kl", "tf", "random")
+class Score(Choice):
+    tfidf = "tfidf"
+    kl = "kl"
+    tf = "tf"
+    random = "random"
+
+
+SCORES = Score.values()
+NEEDS_BACKGROUND = (Score.tfidf, Score.kl)
 
 
 @dataclass
@@ -125,7 +134,7 @@ def slot_scores(method: str, counts: torch.Tensor, bg: Background | None, *, smo
     """Dispatch on method (one of SCORES) -> scores (N,) float64."""
     if method not in SCORES:
         raise ValueError(f"slot score must be one of {SCORES}, got {method!r}")
-    if method in ("tfidf", "kl"):
+    if method in NEEDS_BACKGROUND:
         if bg is None:
             raise ValueError(f"slot score {method!r} needs a background table (slot_stats)")
         if bg.n_slots != counts.shape[0]:

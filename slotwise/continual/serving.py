@@ -26,13 +26,12 @@ import datetime as _dt
 import fcntl
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from slotwise import storage
-from slotwise.atomic import sha256_file
+from slotwise.atomic import sha256_file, staged_file
 from slotwise.continual.delta import META, WEIGHTS
 from slotwise.errors import RegistryError
 
@@ -84,19 +83,8 @@ def read_registry(serve: str | Path) -> dict:
 
 def write_registry(serve: str | Path, reg: dict) -> None:
     """Replace registry.json atomically (temporary file, fsync, rename)."""
-    path = Path(serve) / REGISTRY
-    fd, tmp = tempfile.mkstemp(prefix=f".{REGISTRY}.tmp-", dir=serve)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(reg, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(Path(serve) / REGISTRY) as tmp:
+        tmp.write_text(json.dumps(reg, indent=1) + "\n")
 
 
 def served_delta(serve: str | Path) -> Path | None:

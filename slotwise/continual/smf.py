@@ -28,19 +28,29 @@ import torch.nn as nn
 
 from slotwise import kernels
 from slotwise.continual.pools import Pool, value_pools
-from slotwise.continual.selection import SCORES, Background, access_counts, rare_rows, select_slots, slot_scores
+from slotwise.continual.selection import NEEDS_BACKGROUND, Background, Score, access_counts, rare_rows, select_slots, slot_scores
 from slotwise.retrofit import record_lookups
+from slotwise.schema import Choice, check, positive
 
-COUNT_ON = ("answer", "all")
-OPTIMIZERS = ("sgd", "adam")
+
+class CountOn(Choice):
+    answer = "answer"  # positions whose output carries loss
+    all = "all"  # every non-padding token
+
+
+class SparseOptimizer(Choice):
+    adam = "adam"  # lazy per-row Adam (kernels.sparse_adam_)
+    sgd = "sgd"  # kernels.sparse_sgd_
 
 
 @dataclass
 class SMFConfig:
-    top_t: int = 500  # rows trained per pool and step
-    score: str = "tfidf"  # tfidf | kl | tf | random
-    count_on: str = "answer"  # answer | all
-    optimizer: str = "adam"  # adam | sgd
+    """The one SMF schema: the continual stage's `method: smf` params, the nightly update's `nightly.smf`
+    and scripts/single_fact.py's --params."""
+    top_t: int = positive(500)  # rows trained per pool and step
+    score: Score = Score.tfidf
+    count_on: CountOn = CountOn.answer
+    optimizer: SparseOptimizer = SparseOptimizer.adam
     lr: float = 1e-3  # the prototypes: adam 1e-3..3e-3; sgd ~2-5 in Lin et al.
     beta1: float = 0.9
     beta2: float = 0.999
@@ -51,14 +61,12 @@ class SMFConfig:
     seed: int = 0  # for score="random": step s uses seed + s
 
     def __post_init__(self):
-        if self.score not in SCORES:
-            raise ValueError(f"smf.score must be one of {SCORES}, got {self.score!r}")
-        if self.count_on not in COUNT_ON:
-            raise ValueError(f"smf.count_on must be one of {COUNT_ON}, got {self.count_on!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"smf.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.top_t < 1:
-            raise ValueError(f"smf.top_t must be >= 1, got {self.top_t}")
+        check(self, "smf")
+
+    @property
+    def needs_background(self) -> bool:
+        """Whether the slot_stats table is read (tfidf / kl scores, or rare rows)."""
+        return self.score in NEEDS_BACKGROUND or self.max_df_fraction is not None
 
 
 def loss_positions(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -111,7 +119,7 @@ class SparseMemoryFinetuner:
         self.backgrounds = backgrounds or {}
         for pool in self.pools:
             bg = self.backgrounds.get(pool.layers[0])
-            if bg is None and (cfg.score in ("tfidf", "kl") or cfg.max_df_fraction is not None):
+            if bg is None and cfg.needs_background:
                 raise ValueError(f"smf.score={cfg.score!r}: no background table for the pool of layers {list(pool.layers)} "
                                  f"(key {pool.layers[0]}; have {sorted(self.backgrounds)})")
             if bg is not None and bg.n_slots != pool.weight.shape[0]:

@@ -1,6 +1,6 @@
 """One entry point for every continual update method: make_updater(method, model, params).
 
-    up = make_updater("smf", model, {"top_t": 500, "score": "kl", "lr": 1e-3}, backgrounds=tables)
+    up = make_updater("smf", model, SMFConfig(top_t=500, score="kl", lr=1e-3), backgrounds=tables)
     up = make_updater("full", model, {"lr": 1e-5, "train_embeddings": False})
     up = make_updater("lora", model, {"r": 16, "lr": 2e-4})
     up = make_updater("grit", model, {"r": 16, "reproject_every": 50, "energy": 0.9})
@@ -8,22 +8,34 @@
         metrics = up.step(batch)        # {"loss": float, ...method-specific}
     up.model                            # the model being updated (peft-wrapped for lora / grit)
 
-params: the method's typed parameters (SMFConfig, FullFTConfig, LoraParams, GritParams) as a
-dict; an unknown key is an error naming the expected ones. The updater changes `model` in place.
+params: the method's typed schema (METHODS: SMFConfig, FullFTConfig, LoraParams, GritParams), or a
+dict merged onto it (OmegaConf struct mode: an unknown key or a wrong type is an error naming it).
+The same schemas type `continual.methods[i].params` and `nightly.smf` in params.yaml
+(slotwise.config). The updater changes `model` in place.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from slotwise.continual.baselines import FullFinetuner, FullFTConfig, LoraFinetuner, LoraParams, LossFn, causal_lm_loss
 from slotwise.continual.grit import GritParams, GritUpdater
 from slotwise.continual.selection import Background
 from slotwise.continual.smf import SMFConfig, SparseMemoryFinetuner
+from slotwise.schema import Choice, omegaconf_error
 
-METHODS = {"smf": SMFConfig, "full": FullFTConfig, "lora": LoraParams, "grit": GritParams}
+
+class Method(Choice):
+    smf = "smf"  # sparse memory finetuning
+    full = "full"  # full finetuning
+    lora = "lora"
+    grit = "grit"  # curvature-aware LoRA
+
+
+METHODS = {Method.smf: SMFConfig, Method.full: FullFTConfig, Method.lora: LoraParams, Method.grit: GritParams}
 
 
 class Updater(Protocol):
@@ -32,19 +44,29 @@ class Updater(Protocol):
     def step(self, batch: dict) -> dict: ...
 
 
-def build_params(method: str, params: dict | None):
-    """The method's params dataclass from a dict; unknown keys -> ValueError naming the known ones."""
+def method_schema(method: str) -> DictConfig:
+    """The OmegaConf structured schema (struct mode) of a method's params."""
     if method not in METHODS:
-        raise ValueError(f"continual method must be one of {sorted(METHODS)}, got {method!r}")
-    cls = METHODS[method]
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(params or {}) - set(known))
-    if unknown:
-        raise ValueError(f"{method} params: unknown key(s) {unknown} (expected one of: {', '.join(known)})")
-    return cls(**(params or {}))
+        raise ValueError(f"continual method must be one of {Method.values()}, got {method!r}")
+    schema = OmegaConf.structured(METHODS[method])
+    OmegaConf.set_struct(schema, True)
+    return schema
 
 
-def make_updater(method: str, model: nn.Module, params: dict | None = None, *,
+def build_params(method: str, params: Any = None):
+    """The method's typed params: an instance of its schema as it is, a dict (or None) merged onto it."""
+    schema = method_schema(method)
+    if isinstance(params, METHODS[method]):
+        return params
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(schema, params or {}))
+    except ConfigKeyError as exc:
+        raise ValueError(f"{method} params: unknown key(s) [{exc.key!r}] (expected one of: {', '.join(schema.keys())})") from None
+    except OmegaConfBaseException as exc:
+        raise ValueError(f"{method} params: {omegaconf_error(exc, schema)}") from None
+
+
+def make_updater(method: str, model: nn.Module, params: Any = None, *,
                  backgrounds: dict[int, Background] | None = None, loss_fn: LossFn = causal_lm_loss) -> Updater:
     """backgrounds: SMF's slot-frequency tables, keyed by each value pool's first layer index."""
     cfg = build_params(method, params)

@@ -3,7 +3,7 @@
 The same generation (slotwise.generation) and scoring (slotwise.qa_metrics) as the continual stage,
 so acquisition means the same thing in both.
 
-    facts = read_jsonl(data_dir / "facts.jsonl")
+    facts = [row for _, row in slotwise.sources.read_jsonl(data_dir / "facts.jsonl")]
     summary, rows = fact_acquisition(model, tokenizer, facts, max_new_tokens=16)
     summary["unknown"]["exact_match"]   # facts the base model did not know (known: false)
 
@@ -11,24 +11,10 @@ known: true -> "known", false -> "unknown", null -> "unlabelled".
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from slotwise.generation import greedy_answers
 from slotwise.qa_metrics import exact_match, f1
 
 SPLITS = {True: "known", False: "unknown", None: "unlabelled"}
-
-
-def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
-                if limit is not None and len(rows) >= limit:
-                    break
-    return rows
 
 
 def score_answers(facts: list[dict], predictions: list[str]) -> tuple[dict, list[dict]]:

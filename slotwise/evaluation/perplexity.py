@@ -2,6 +2,7 @@
 
     ppl = heldout_perplexity(model, tokenizer, texts, seq_len=256, max_blocks=64)
     ppl["perplexity"], ppl["tokens"]      # tokens = blocks * (seq_len - 1) predicted tokens
+    perplexity(model, token_blocks(tokenizer, texts, 128, 8), batch_size=4)   # the number alone
 
 Every block is scored on its own (no context carried across blocks); the first token of each block
 is context only.
@@ -42,6 +43,12 @@ def blocks_nll(model, blocks: torch.Tensor, batch_size: int = 8, progress: str |
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
         count += batch[:, 1:].numel()
     return total, count
+
+
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, progress: str | None = None) -> float:
+    """exp(mean next-token NLL) over blocks (n_blocks, seq_len); every slotwise perplexity is this one."""
+    total, count = blocks_nll(model, blocks, batch_size, progress)
+    return math.exp(total / count)
 
 
 def heldout_perplexity(model, tokenizer, texts: Iterable[str], seq_len: int = 256, max_blocks: int | None = None,

@@ -23,7 +23,7 @@ from typing import Iterator
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from slotwise.evaluation.params import TASKS  # noqa: E402
+from slotwise.schema import TASKS  # noqa: E402
 
 TEMPLATES = Path(__file__).with_name("lm_eval_tasks")
 log = logging.getLogger("slotwise.evaluate")

@@ -12,9 +12,9 @@ def test_a_sweep_expands_into_one_named_run_per_value_grouped_under_the_method()
                                       "smf@top_t=50@steps_per_fact=2", "smf@top_t=50@steps_per_fact=8",
                                       "smf@top_t=500@steps_per_fact=2", "smf@top_t=500@steps_per_fact=8"]
     assert {r.group for r in runs} == {"full_ft", "smf"} and all(not r.sweep for r in runs)
-    assert runs[1].params == {"lr": 3e-5}
-    assert runs[2].params == {"score": "tfidf", "top_t": 50} and isinstance(runs[2].params["top_t"], int)
-    assert runs[3].steps_per_fact == 8 and "steps_per_fact" not in runs[3].params
+    assert runs[0].params.lr == 3e-6 and runs[1].params.lr == 3e-5  # typed params (FullFTConfig)
+    assert runs[2].params.score == "tfidf" and runs[2].params.top_t == 50 and isinstance(runs[2].params.top_t, int)
+    assert runs[3].steps_per_fact == 8 and runs[3].params.top_t == 50
     # no sweep: the run itself, its own group
     (plain,) = expand_sweeps([MethodRun("lora", "lora", {"r": 4})])
     assert plain.name == "lora" and plain.group == "lora"
@@ -22,7 +22,9 @@ def test_a_sweep_expands_into_one_named_run_per_value_grouped_under_the_method()
 
 def test_sweep_errors_are_named():
     with pytest.raises(ValueError, match="sweep.lr"):
-        expand_sweeps([MethodRun("a", "full", sweep={"lr": []})])
+        MethodRun("a", "full", sweep={"lr": []})
+    with pytest.raises(ValueError, match=r"sweep.lrr': not a full param \(expected one of: .*lr"):
+        MethodRun("a", "full", sweep={"lrr": [0.1]})
     with pytest.raises(ValueError, match="unique"):
         expand_sweeps([MethodRun("a", "full", sweep={"lr": [1.0]}), MethodRun("a@lr=1", "full")])
 
