@@ -28,10 +28,10 @@ from pathlib import Path
 
 from slotwise import storage
 from slotwise.atomic import staged_dir
-from slotwise.checkpoint import CheckpointError, load_checkpoint
+from slotwise.checkpoint import load_checkpoint
 from slotwise.components._cli import component_parser, run_cli
 from slotwise.config import NightlyParams, load_params, to_yaml
-from slotwise.continual.delta import DeltaError, apply_delta, load_delta, revert_delta, with_old_rows
+from slotwise.continual.delta import apply_delta, load_delta, revert_delta, with_old_rows
 from slotwise.continual.nightly import Probes, decide, fact_files, read_facts, served_delta_dir
 from slotwise.schema import resolve_device
 
@@ -46,11 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="runs/data", help="the data stage's output (heldout text, triviaqa questions)")
     parser.add_argument("--facts", action="append", default=[], help="the new facts (acquisition, informational); repeatable")
     parser.add_argument("--out", required=True, help="output directory for gate.json")
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except DeltaError as exc:
-        raise CheckpointError(str(exc)) from None
+    return run(parser.parse_args(argv))
 
 
 def run(args) -> int:

@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 from slotwise import storage
-from slotwise.checkpoint import CheckpointError, model_hash
+from slotwise.checkpoint import model_hash
 from slotwise.components._cli import component_parser, run_cli
 from slotwise.config import NightlyParams, load_params
-from slotwise.continual.delta import DeltaError, save_delta
+from slotwise.continual.delta import save_delta
 from slotwise.continual.nightly import cumulative, fact_files, load_served, read_facts, sparse_update
 from slotwise.continual.selection import load_backgrounds
 from slotwise.schema import resolve_device
@@ -44,11 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stats", required=True, help="slot_stats output made on --model (table.safetensors)")
     parser.add_argument("--facts", action="append", required=True, help="facts.jsonl file or folder (local or s3://); repeatable")
     parser.add_argument("--out", required=True, help="output delta directory (cumulative: base -> served -> new facts)")
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except DeltaError as exc:  # a corrupt or mismatched served delta is bad input: one line, exit 2
-        raise CheckpointError(str(exc)) from None
+    return run(parser.parse_args(argv))  # a corrupt or mismatched served delta is a user error (DeltaError): one line, exit 2
 
 
 def run(args) -> int:
