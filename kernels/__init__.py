@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import resolve_backend, triton_available
-from .embedding_bag_reference import weighted_bag_backward_reference, weighted_bag_reference
+from .weighted_bag_reference import weighted_bag_backward_reference, weighted_bag_reference
 from .histogram_reference import slot_histogram_reference
 from .product_key_reference import pk_topk_bruteforce, pk_topk_reference
 from .sparse_update_reference import sparse_adam_reference, sparse_sgd_reference
@@ -75,7 +75,7 @@ def weighted_bag(values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     gradient sums each row in a fixed order (sorted segments) instead of with atomic adds.
     """
     if resolve_backend(backend, values, ids, weights) == "triton":
-        from .embedding_bag import weighted_bag_triton
+        from .weighted_bag import weighted_bag_triton
 
         return weighted_bag_triton(values, ids, weights, sparse_grad=sparse_grad, deterministic=deterministic)
     return weighted_bag_reference(values, ids, weights, sparse_grad=sparse_grad)
@@ -85,7 +85,7 @@ def weighted_bag_backward(values, ids, weights, grad_out, backend: str = "auto")
     """The weighted bag's backward, sparse and deterministic on both paths:
     -> (unique row ids (U,), row grads (U, D) fp32, grad weights (T, H, knn) fp32)."""
     if resolve_backend(backend, values, ids, weights, grad_out) == "triton":
-        from .embedding_bag import weighted_bag_backward_triton
+        from .weighted_bag import weighted_bag_backward_triton
 
         return weighted_bag_backward_triton(values, ids, weights, grad_out)
     return weighted_bag_backward_reference(values, ids, weights, grad_out)

@@ -79,8 +79,8 @@ def _rows(results, name, shape, ref_ms, tri_ms, nbytes, bw):
 
 def bench_case(label, case, device, dtype, bench, bw, results):
     from . import pk_topk, sparse_adam_, weighted_bag
-    from .embedding_bag import weighted_bag_backward_triton, weighted_bag_forward_triton
-    from .embedding_bag_reference import weighted_bag_backward_reference, weighted_bag_reference
+    from .weighted_bag import weighted_bag_backward_triton, weighted_bag_forward_triton
+    from .weighted_bag_reference import weighted_bag_backward_reference, weighted_bag_reference
     from .product_key import pk_topk_triton
     from .product_key_reference import pk_topk_reference
     from .sparse_update import sparse_adam_triton, weighted_bag_backward_adam_triton
@@ -170,7 +170,7 @@ def print_table(results, bw):
 def smoke_check() -> list[dict]:
     """Tiny interpreted run of every Triton op against its reference (CPU, seconds)."""
     from . import slot_histogram, weighted_bag_backward
-    from .embedding_bag_reference import weighted_bag_backward_reference
+    from .weighted_bag_reference import weighted_bag_backward_reference
     from .histogram_reference import slot_histogram_reference
     from .product_key import pk_topk_triton
     from .product_key_reference import pk_topk_reference

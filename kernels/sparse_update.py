@@ -6,7 +6,7 @@ number of rows touched, not with N.
 
 The fused variants take the weighted-bag backward's inputs instead of row gradients: each
 program sums its row's gradient from the sorted segment of (token, weight) pairs
-(embedding_bag._segment_grad) one D-block at a time and applies the step at once, so the row
+(weighted_bag._segment_grad) one D-block at a time and applies the step at once, so the row
 gradients never round-trip through memory.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .embedding_bag import _blocks, _grad_weights, _prep, _segment_grad, sort_segments
+from .weighted_bag import _blocks, _grad_weights, _prep, _segment_grad, sort_segments
 
 
 @triton.jit

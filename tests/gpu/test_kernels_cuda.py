@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from slotwise import kernels
-from slotwise.kernels.embedding_bag_reference import weighted_bag_reference
+from slotwise.kernels.weighted_bag_reference import weighted_bag_reference
 
 pytestmark = [
     pytest.mark.gpu,

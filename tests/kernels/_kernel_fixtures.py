@@ -49,7 +49,7 @@ def _interpret_triton_stdlib() -> None:
 if os.environ.get("TRITON_INTERPRET") == "1":
     _interpret_triton_stdlib()
 
-KERNEL_MODULES = ("product_key", "embedding_bag", "histogram", "sparse_update")
+KERNEL_MODULES = ("product_key", "weighted_bag", "histogram", "sparse_update")
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
 
 

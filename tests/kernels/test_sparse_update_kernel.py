@@ -11,7 +11,7 @@ from slotwise.kernels import (
     weighted_bag_backward_adam_,
     weighted_bag_backward_sgd_,
 )
-from slotwise.kernels.embedding_bag_reference import weighted_bag_backward_reference
+from slotwise.kernels.weighted_bag_reference import weighted_bag_backward_reference
 from slotwise.kernels.sparse_update_reference import sparse_adam_reference, sparse_sgd_reference
 
 DTYPES = [torch.float32, torch.bfloat16]

@@ -6,7 +6,7 @@ import torch
 from _kernel_fixtures import close, device, poison_outputs  # noqa: F401  (pytest fixtures)
 
 from slotwise.kernels import weighted_bag, weighted_bag_backward
-from slotwise.kernels.embedding_bag_reference import weighted_bag_backward_reference, weighted_bag_reference
+from slotwise.kernels.weighted_bag_reference import weighted_bag_backward_reference, weighted_bag_reference
 
 DTYPES = [torch.float32, torch.bfloat16]
 # (tokens, heads, knn, N, D): D 41 is one masked block, D 576 two blocks of 512 (the second masked);
@@ -76,7 +76,7 @@ def test_weighted_bag_only_weights_need_grad(device, close):
 
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_dense_backward_accumulates_into_buffer(device, close, deterministic):
-    from slotwise.kernels.embedding_bag import weighted_bag_backward_dense_triton
+    from slotwise.kernels.weighted_bag import weighted_bag_backward_dense_triton
 
     values, ids, weights, grad_out = _inputs(SHAPES[2], torch.float32, device)
     start = torch.randn(values.shape, generator=torch.Generator().manual_seed(3)).to(device)

@@ -1,4 +1,4 @@
-"""Weighted embedding bag, the Triton kernels (spec: embedding_bag_reference).
+"""Weighted embedding bag, the Triton kernels (spec: weighted_bag_reference).
 
 Forward: one program per (token, D-block) gathers the token's H*knn value rows a tile of
 BLOCK_K rows at a time and accumulates weight * row in fp32; any D (masked blocks).
@@ -159,7 +159,7 @@ def weighted_bag_backward_triton(values: torch.Tensor, ids: torch.Tensor, weight
                                  grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sparse, deterministic backward -> (unique row ids (U,), row grads (U, D) fp32, grad weights (T, H, knn) fp32).
 
-    Same contract as embedding_bag_reference.weighted_bag_backward_reference.
+    Same contract as weighted_bag_reference.weighted_bag_backward_reference.
     """
     values, ids, weights = _prep(values, ids, weights)
     grad_out = grad_out.contiguous()
