@@ -1,15 +1,16 @@
 """Weighted embedding bag, the Triton kernels (spec: weighted_bag_reference).
 
-Forward: one program per (token, D-block) gathers the token's H*knn value rows a tile of
-BLOCK_K rows at a time and accumulates weight * row in fp32; any D (masked blocks).
+Forward: one program per token over the whole row. The row is two power-of-two slices
+(576 = 512 + 64, _segments.row_pieces), so no lane computes a column past D by more than one
+slice's rounding; the token's H*knn ids and weights are read once; each step gathers BLOCK_K rows
+into a 2-D fp32 accumulator that is reduced once at the end (no cross-warp sum per step), and the
+loop is software-pipelined (tl.range num_stages), so several steps' gathers are in flight.
 
-Backward, two ways to get the value-row gradients:
-  * sorted segments (deterministic): the flat ids are sorted once (stable), each unique row
-    owns one contiguous segment of (token, weight) pairs and one program sums them in a fixed
-    order. Writes sparse (unique ids, row grads) or scatters into a dense buffer; no atomics.
-  * atomics (dense only): one program per (token, k-block) adds weight * grad_out[t] into the
-    dense fp32 buffer with tl.atomic_add, fused with the grad-weights dot products.
-Grad weights: grad_w[t, h, k] = values[ids[t, h, k]] . grad_out[t], one program per (token, k-block).
+Backward (_segments.walk): the flat ids are sorted once on the device; each run of equal ids is
+walked by one program that loads the values row once, takes the grad weights from the same
+grad_out loads, and writes the row's gradient sparse (unique ids, rows) or into a dense fp32 buffer;
+long runs are split across programs with a fixed-order combine. Deterministic, no atomics.
+Grad weights alone (values frozen): a per-token kernel shaped like the forward.
 """
 from __future__ import annotations
 
@@ -18,188 +19,144 @@ import triton
 import triton.language as tl
 
 from . import _alloc
+from ._row_update import DENSE, SPARSE
+from ._segments import row_pieces, run_index, sort_runs, walk
 
 
-def _blocks(D: int) -> tuple[int, int]:
-    """(BLOCK_K rows, BLOCK_D columns) per tile: ~4K elements, wide along D for coalescing."""
-    block_d = min(triton.next_power_of_2(D), 512)
-    return max(4096 // block_d, 4), block_d
-
-
-# ----------------------------------------------------------------------------- forward
+def forward_config(D: int) -> tuple[int, int, int]:
+    """(BLOCK_K rows per step, num_warps, num_stages) for rows of width D; fit to ~64 registers a thread."""
+    w0, _ = row_pieces(D)
+    num_warps = 1 if w0 <= 128 else 2 if w0 <= 256 else 4
+    return (8 if w0 <= 512 else 4), num_warps, 3
 
 
 @triton.jit
-def _bag_fwd_kernel(values_ptr, ids_ptr, w_ptr, out_ptr, D, HK, stride_v,
-                    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    t = tl.program_id(0)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = d < D
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for k0 in range(0, HK, BLOCK_K):
+def _bag_fwd_kernel(values_ptr, ids_ptr, w_ptr, out_ptr, D, stride_v,
+                    HK: tl.constexpr, BLOCK_K: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
+                    NUM_STAGES: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    c0 = tl.arange(0, W0)
+    c1 = W0 + tl.arange(0, W1)
+    cm1 = c1 < D
+    acc0 = tl.zeros([BLOCK_K, W0], tl.float32)
+    acc1 = tl.zeros([BLOCK_K, W1], tl.float32)
+    for k0 in tl.range(0, HK, BLOCK_K, num_stages=NUM_STAGES):
         k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < HK
-        row = tl.load(ids_ptr + t * HK + k, mask=k_mask, other=0).to(tl.int64)
-        w = tl.load(w_ptr + t * HK + k, mask=k_mask, other=0.0).to(tl.float32)
-        v = tl.load(values_ptr + row[:, None] * stride_v + d[None, :], mask=k_mask[:, None] & d_mask[None, :], other=0.0)
-        acc += tl.sum(v.to(tl.float32) * w[:, None], axis=0)
-    tl.store(out_ptr + t.to(tl.int64) * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+        km = k < HK
+        row = tl.load(ids_ptr + t * HK + k, mask=km, other=0).to(tl.int64)
+        wt = tl.load(w_ptr + t * HK + k, mask=km, other=0.0).to(tl.float32)
+        src = values_ptr + row[:, None] * stride_v
+        acc0 += wt[:, None] * tl.load(src + c0[None, :], mask=km[:, None], other=0.0).to(tl.float32)
+        acc1 += wt[:, None] * tl.load(src + c1[None, :], mask=km[:, None] & cm1[None, :], other=0.0).to(tl.float32)
+    dst = out_ptr + t * D
+    tl.store(dst + c0, tl.sum(acc0, 0).to(out_ptr.dtype.element_ty))
+    tl.store(dst + c1, tl.sum(acc1, 0).to(out_ptr.dtype.element_ty), mask=cm1)
+
+
+@triton.jit
+def _bag_grad_w_kernel(values_ptr, ids_ptr, g_ptr, gw_ptr, D, stride_v,
+                       HK: tl.constexpr, BLOCK_K: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
+                       NUM_STAGES: tl.constexpr):
+    """grad_w[t, k] = values[ids[t, k]] . grad_out[t] for one token (values need no gradient)."""
+    t = tl.program_id(0).to(tl.int64)
+    c0 = tl.arange(0, W0)
+    c1 = W0 + tl.arange(0, W1)
+    cm1 = c1 < D
+    g0 = tl.load(g_ptr + t * D + c0).to(tl.float32)
+    g1 = tl.load(g_ptr + t * D + c1, mask=cm1, other=0.0).to(tl.float32)
+    for k0 in tl.range(0, HK, BLOCK_K, num_stages=NUM_STAGES):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < HK
+        row = tl.load(ids_ptr + t * HK + k, mask=km, other=0).to(tl.int64)
+        src = values_ptr + row[:, None] * stride_v
+        v0 = tl.load(src + c0[None, :], mask=km[:, None], other=0.0).to(tl.float32)
+        v1 = tl.load(src + c1[None, :], mask=km[:, None] & cm1[None, :], other=0.0).to(tl.float32)
+        tl.store(gw_ptr + t * HK + k, tl.sum(v0 * g0[None, :], 1) + tl.sum(v1 * g1[None, :], 1), mask=km)
+
+
+def prep(values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor | None = None):
+    """Checked, contiguous inputs: values (N, D) with unit column stride, ids / weights (T, H, knn)."""
+    if values.dim() != 2 or ids.shape != weights.shape or ids.dim() < 2:
+        raise ValueError(f"weighted_bag wants values (N, D) and ids, weights (T, ...) of one shape; got "
+                         f"{tuple(values.shape)}, {tuple(ids.shape)}, {tuple(weights.shape)}")
+    if values.shape[0] >= 2**31:
+        raise ValueError(f"values has {values.shape[0]} rows: row ids must fit in int32")
+    if values.stride(1) != 1:
+        values = values.contiguous()
+    if grad_out is not None:
+        if grad_out.shape != (ids.shape[0], values.shape[1]):
+            raise ValueError(f"grad_out must be {(ids.shape[0], values.shape[1])}, got {tuple(grad_out.shape)}")
+        grad_out = grad_out.contiguous()
+    return values, ids.contiguous(), weights.contiguous(), grad_out
+
+
+def _launch_per_token(kernel, values, ids, a, b):
+    T, HK, D = ids.shape[0], ids[0].numel(), values.shape[1]
+    W0, W1 = row_pieces(D)
+    block_k, num_warps, num_stages = forward_config(D)
+    block_k = min(block_k, triton.next_power_of_2(HK))
+    kernel[(T,)](values, ids, a, b, D, values.stride(0), HK=HK, BLOCK_K=block_k, W0=W0, W1=W1,
+                 NUM_STAGES=num_stages, num_warps=num_warps)
 
 
 def weighted_bag_forward_triton(values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """values (N, D), ids (T, H, knn), weights (T, H, knn) -> (T, D) in values' dtype."""
-    T = ids.shape[0]
-    HK = ids[0].numel()
-    D = values.shape[1]
-    values, ids, weights = _prep(values, ids, weights)
-    out = _alloc.empty((T, D), values.dtype, values.device)
-    BLOCK_K, BLOCK_D = _blocks(D)
-    _bag_fwd_kernel[(T, triton.cdiv(D, BLOCK_D))](values, ids, weights, out, D, HK, values.stride(0),
-                                                  BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, num_warps=4)
+    values, ids, weights, _ = prep(values, ids, weights)
+    out = _alloc.empty((ids.shape[0], values.shape[1]), values.dtype, values.device)
+    if out.numel():
+        _launch_per_token(_bag_fwd_kernel, values, ids, weights, out)
     return out
 
 
-def _prep(values, ids, weights):
-    if values.stride(1) != 1:
-        values = values.contiguous()
-    return values, ids.contiguous(), weights.contiguous()
-
-
-# ----------------------------------------------------------------------------- backward
-
-
-@triton.jit
-def _bag_bwd_tokens_kernel(values_ptr, ids_ptr, w_ptr, g_ptr, gw_ptr, dense_ptr, D, HK, stride_v, stride_dense,
-                           ATOMIC_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """grad_w for BLOCK_K of token t's slots; with ATOMIC_ROWS also dense[row] += w * grad_out[t]."""
-    t = tl.program_id(0)
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_mask = k < HK
-    row = tl.load(ids_ptr + t * HK + k, mask=k_mask, other=0).to(tl.int64)
-    w = tl.load(w_ptr + t * HK + k, mask=k_mask, other=0.0).to(tl.float32)
-    gw = tl.zeros([BLOCK_K], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = d < D
-        m2 = k_mask[:, None] & d_mask[None, :]
-        g = tl.load(g_ptr + t.to(tl.int64) * D + d, mask=d_mask, other=0.0).to(tl.float32)
-        v = tl.load(values_ptr + row[:, None] * stride_v + d[None, :], mask=m2, other=0.0).to(tl.float32)
-        gw += tl.sum(v * g[None, :], axis=1)
-        if ATOMIC_ROWS:
-            tl.atomic_add(dense_ptr + row[:, None] * stride_dense + d[None, :], w[:, None] * g[None, :], mask=m2)
-    tl.store(gw_ptr + t * HK + k, gw, mask=k_mask)
-
-
-@triton.jit
-def _segment_grad(g_ptr, w_ptr, perm_ptr, start, end, HK, D, d, d_mask, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """sum over the sorted segment [start, end) of weight * grad_out[token] on columns d -> (BLOCK_D,) fp32.
-
-    Shared with the fused backward + optimizer kernels (sparse_update.py).
-    """
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for s0 in range(start, end, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        s_mask = s < end
-        pos = tl.load(perm_ptr + s, mask=s_mask, other=0)  # flat (t, h, k) position
-        w = tl.load(w_ptr + pos, mask=s_mask, other=0.0).to(tl.float32)
-        tok = pos // HK
-        g = tl.load(g_ptr + tok[:, None] * D + d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-        acc += tl.sum(g.to(tl.float32) * w[:, None], axis=0)
-    return acc
-
-
-@triton.jit
-def _bag_bwd_rows_kernel(g_ptr, w_ptr, perm_ptr, seg_ptr, uniq_ptr, out_ptr, D, HK, stride_out,
-                         DENSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Row grad of unique row u on one D-block; DENSE: out[uniq[u]] += grad, else out[u] = grad."""
-    u = tl.program_id(0)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = d < D
-    start = tl.load(seg_ptr + u)
-    end = tl.load(seg_ptr + u + 1)
-    acc = _segment_grad(g_ptr, w_ptr, perm_ptr, start, end, HK, D, d, d_mask, BLOCK_S, BLOCK_D)
-    if DENSE:
-        dst = out_ptr + tl.load(uniq_ptr + u).to(tl.int64) * stride_out + d
-        acc += tl.load(dst, mask=d_mask, other=0.0)  # one program per row: no race
-    else:
-        dst = out_ptr + u.to(tl.int64) * stride_out + d
-    tl.store(dst, acc, mask=d_mask)
-
-
-def sort_segments(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flat ids -> unique row ids (U,), perm (M,) flat positions grouped by row, segment starts (U + 1,)."""
-    flat = ids.reshape(-1)
-    sorted_ids, perm = torch.sort(flat, stable=True)  # stable: a fixed summation order per row
-    uniq, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-    seg = torch.zeros(uniq.numel() + 1, dtype=torch.int64, device=ids.device)
-    torch.cumsum(counts, 0, out=seg[1:])
-    return uniq, perm, seg
-
-
-def _grad_weights(values, ids, weights, grad_out, dense=None):
-    T, HK, D = ids.shape[0], ids[0].numel(), values.shape[1]
+def weighted_bag_grad_weights_triton(values: torch.Tensor, ids: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """-> grad weights (T, H, knn) fp32 = values[ids] . grad_out[t]."""
+    values, ids, _, grad_out = prep(values, ids, ids, grad_out)
     grad_w = _alloc.empty(ids.shape, torch.float32, values.device)
-    BLOCK_K, BLOCK_D = _blocks(D)
-    BLOCK_K = min(BLOCK_K, max(triton.next_power_of_2(HK), 1))
-    _bag_bwd_tokens_kernel[(T, triton.cdiv(HK, BLOCK_K))](
-        values, ids, weights, grad_out, grad_w, dense if dense is not None else grad_w, D, HK, values.stride(0),
-        dense.stride(0) if dense is not None else 0, ATOMIC_ROWS=dense is not None,
-        BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, num_warps=4)
+    if grad_w.numel():
+        _launch_per_token(_bag_grad_w_kernel, values, ids, grad_out, grad_w)
     return grad_w
 
 
-def _segment_rows(grad_out, weights, perm, seg, uniq, out, D, HK, dense: bool):
-    BLOCK_S, BLOCK_D = _blocks(D)
-    _bag_bwd_rows_kernel[(uniq.numel(), triton.cdiv(D, BLOCK_D))](
-        grad_out, weights, perm, seg, uniq, out, D, HK, out.stride(0),
-        DENSE=dense, BLOCK_S=min(BLOCK_S, 16), BLOCK_D=BLOCK_D, num_warps=4)
-
-
 def weighted_bag_backward_triton(values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                                 grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                 grad_out: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sparse, deterministic backward -> (unique row ids (U,), row grads (U, D) fp32, grad weights (T, H, knn) fp32).
 
-    Same contract as weighted_bag_reference.weighted_bag_backward_reference.
+    Same contract as weighted_bag_reference.weighted_bag_backward_reference. One host sync (for U).
     """
-    values, ids, weights = _prep(values, ids, weights)
-    grad_out = grad_out.contiguous()
-    HK, D = ids[0].numel(), values.shape[1]
-    uniq, perm, seg = sort_segments(ids)
-    rows = _alloc.empty((uniq.numel(), D), torch.float32, values.device)
-    _segment_rows(grad_out, weights, perm, seg, uniq, rows, D, HK, dense=False)
-    return uniq, rows, _grad_weights(values, ids, weights, grad_out)
+    values, ids, weights, grad_out = prep(values, ids, weights, grad_out)
+    runs = sort_runs(ids, chunk)
+    u, U = run_index(runs)
+    uniq = _alloc.empty((U,), torch.int64, values.device)
+    rows = _alloc.empty((U, values.shape[1]), torch.float32, values.device)
+    grad_w = _alloc.empty(ids.shape, torch.float32, values.device)
+    walk(runs, SPARSE, values, weights, grad_out, ids[0].numel(), need_grad_w=True, out=rows, uniq=uniq,
+         run_idx=u, grad_w=grad_w)
+    return uniq, rows, grad_w
 
 
 def weighted_bag_backward_dense_triton(values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                                        grad_out: torch.Tensor, out: torch.Tensor | None = None,
-                                       deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward into a dense fp32 buffer -> (grad values (N, D) fp32, grad weights (T, H, knn) fp32).
+                                       need_grad_w: bool = True, chunk: int = 64):
+    """Backward into a dense fp32 buffer -> (grad values (N, D) fp32, grad weights (T, H, knn) fp32 or None).
 
-    out: an (N, D) fp32 buffer to accumulate into (a new zeroed one when None).
-    deterministic: sorted segments (bitwise reproducible) instead of atomic adds.
+    out: an (N, D) fp32 buffer to accumulate into (a new zeroed one when None). No host sync.
     """
-    values, ids, weights = _prep(values, ids, weights)
-    grad_out = grad_out.contiguous()
-    HK, D = ids[0].numel(), values.shape[1]
+    values, ids, weights, grad_out = prep(values, ids, weights, grad_out)
     if out is None:
         out = torch.zeros(values.shape, dtype=torch.float32, device=values.device)
     if out.dtype != torch.float32 or out.shape != values.shape or out.stride(1) != 1:
         raise ValueError(f"out must be an fp32 {tuple(values.shape)} buffer with unit column stride")
-    if not deterministic:
-        return out, _grad_weights(values, ids, weights, grad_out, dense=out)
-    uniq, perm, seg = sort_segments(ids)
-    _segment_rows(grad_out, weights, perm, seg, uniq, out, D, HK, dense=True)
-    return out, _grad_weights(values, ids, weights, grad_out)
-
-
-# ----------------------------------------------------------------------------- autograd
+    grad_w = _alloc.empty(ids.shape, torch.float32, values.device) if need_grad_w else None
+    walk(sort_runs(ids, chunk), DENSE, values, weights, grad_out, ids[0].numel(), need_grad_w=need_grad_w,
+         out=out, grad_w=grad_w)
+    return out, grad_w
 
 
 class _WeightedBag(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, ids, weights, sparse_grad: bool, deterministic: bool):
+    def forward(ctx, values, ids, weights, sparse_grad: bool):
         ctx.save_for_backward(values, ids, weights)
-        ctx.sparse_grad, ctx.deterministic = sparse_grad, deterministic
+        ctx.sparse_grad = sparse_grad
         return weighted_bag_forward_triton(values, ids, weights)
 
     @staticmethod
@@ -213,24 +170,18 @@ class _WeightedBag(torch.autograd.Function):
             grad_values = torch.sparse_coo_tensor(uniq.unsqueeze(0), rows.to(values.dtype), values.shape,
                                                   is_coalesced=True, check_invariants=False)
         elif need_values:
-            dense, grad_w = weighted_bag_backward_dense_triton(values, ids, weights, grad_out,
-                                                               deterministic=ctx.deterministic)
+            dense, grad_w = weighted_bag_backward_dense_triton(values, ids, weights, grad_out, need_grad_w=need_weights)
             grad_values = dense.to(values.dtype)
         elif need_weights:
-            grad_w = _grad_weights(*_prep(values, ids, weights), grad_out.contiguous())
-        if need_weights:
-            grad_w = grad_w.to(weights.dtype)
-        else:
-            grad_w = None
-        return grad_values, None, grad_w, None, None
+            grad_w = weighted_bag_grad_weights_triton(values, ids, grad_out)
+        return grad_values, None, grad_w.to(weights.dtype) if need_weights else None, None
 
 
 def weighted_bag_triton(values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                        sparse_grad: bool = False, deterministic: bool = False) -> torch.Tensor:
+                        sparse_grad: bool = False) -> torch.Tensor:
     """values (N, D), ids (T, H, knn), weights (T, H, knn) -> (T, D); differentiable in values and weights.
 
-    sparse_grad: values.grad is a coalesced sparse COO tensor of the touched rows (sorted-segment
-    kernel, deterministic) instead of a dense (N, D) tensor. deterministic: for the dense gradient,
-    use sorted segments instead of atomic adds.
+    sparse_grad: values.grad is a coalesced sparse COO tensor of the touched rows instead of a dense
+    (N, D) tensor. Every backward is deterministic (bitwise repeatable).
     """
-    return _WeightedBag.apply(values, ids, weights, sparse_grad, deterministic)
+    return _WeightedBag.apply(values, ids, weights, sparse_grad)
