@@ -2,8 +2,8 @@
 
 Public ops (every one takes backend="auto" | "triton" | "torch", see _dispatch.py):
 
-  pk_topk(query, keys, knn)            product-key top-k -> (scores, slot ids); scores are
-                                       differentiable in query and keys
+  pk_topk(query, keys, knn)            product-key top-k -> (scores, slot ids[, sub-key usage]);
+                                       scores and usage are differentiable in query and keys
   weighted_bag(values, ids, weights)   softmax-weighted sum of value rows -> (T, D); gradients
                                        to values (dense, or sparse_grad=True) and weights
   weighted_bag_backward(...)           its backward as (unique row ids, row grads, grad weights)
@@ -44,34 +44,21 @@ __all__ = [
 ]
 
 
-def _half_key_scores(query: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Differentiable scores of chosen slots: q1 . k1[i] + q2 . k2[j] for slot id = i * n_keys + j."""
-    T, H, K = query.shape
-    n_keys = keys.shape[2]
-    q = query.view(T, H, 2, K // 2)
-    i, j = ids // n_keys, ids % n_keys  # (T, H, knn)
-    h = torch.arange(H, device=ids.device).view(1, H, 1)
-    k1 = keys[h, 0, i]  # (T, H, knn, K/2)
-    k2 = keys[h, 1, j]
-    return torch.einsum("thd,thkd->thk", q[:, :, 0], k1) + torch.einsum("thd,thkd->thk", q[:, :, 1], k2)
+def pk_topk(query: torch.Tensor, keys: torch.Tensor, knn: int, backend: str = "auto", tf32: bool = False,
+            usage: bool = False):
+    """query (T, H, K), keys (H, 2, n_keys, K/2) -> scores (T, H, knn) fp32, slot ids (T, H, knn) int64;
+    with usage=True also usage (H, 2, n_keys): the mean over tokens of the softmax over sub-keys,
+    the statistic of the sub-key balancing loss, from the same pass on the Triton path.
 
-
-def pk_topk(query: torch.Tensor, keys: torch.Tensor, knn: int, backend: str = "auto",
-            tf32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """query (T, H, K), keys (H, 2, n_keys, K/2) -> scores (T, H, knn), slot ids (T, H, knn) int64.
-
-    The search runs without autograd (a selection); the scores of the chosen slots are then
-    recomputed from the gathered sub-keys, which is exact and carries gradients to query and keys.
+    Scores (and usage) are differentiable in query and keys: on the Triton path by an exact custom
+    backward (no recomputed scores), on the torch path by autograd through the reference search.
     tf32: let the Triton search score fp32 inputs with TF32 (faster; near-ties may differ).
     """
-    with torch.no_grad():
-        if resolve_backend(backend, query, keys) == "triton":
-            from .product_key import pk_topk_triton
+    if resolve_backend(backend, query, keys) == "triton":
+        from .product_key_grad import pk_topk_autograd
 
-            _, ids = pk_topk_triton(query, keys, knn, tf32=tf32)
-        else:
-            _, ids = pk_topk_reference(query, keys, knn)
-    return _half_key_scores(query.float(), keys.float(), ids), ids
+        return pk_topk_autograd(query, keys, knn, tf32=tf32, usage=usage)
+    return pk_topk_reference(query, keys, knn, usage=usage)
 
 
 def weighted_bag(values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, backend: str = "auto",

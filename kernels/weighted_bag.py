@@ -99,10 +99,11 @@ def _launch_per_token(kernel, values, ids, a, b):
                  NUM_STAGES=num_stages, num_warps=num_warps)
 
 
-def weighted_bag_forward_triton(values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """values (N, D), ids (T, H, knn), weights (T, H, knn) -> (T, D) in values' dtype."""
+def weighted_bag_forward_triton(values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """values (N, D), ids (T, H, knn), weights (T, H, knn) -> (T, D) in out_dtype (default: values')."""
     values, ids, weights, _ = prep(values, ids, weights)
-    out = _alloc.empty((ids.shape[0], values.shape[1]), values.dtype, values.device)
+    out = _alloc.empty((ids.shape[0], values.shape[1]), out_dtype or values.dtype, values.device)
     if out.numel():
         _launch_per_token(_bag_fwd_kernel, values, ids, weights, out)
     return out
