@@ -69,7 +69,7 @@ def weighted_bag(values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     optimizers want at N ~ 1M) instead of a dense (N, D) one. The Triton backward is deterministic.
     """
     if resolve_backend(backend, values, ids, weights) == "triton":
-        from .weighted_bag import weighted_bag_triton
+        from .weighted_bag_triton import weighted_bag_triton
 
         return weighted_bag_triton(values, ids, weights, sparse_grad=sparse_grad)
     return weighted_bag_reference(values, ids, weights, sparse_grad=sparse_grad)
@@ -79,7 +79,7 @@ def weighted_bag_backward(values, ids, weights, grad_out, backend: str = "auto")
     """The weighted bag's backward, sparse and deterministic on both paths:
     -> (unique row ids (U,), row grads (U, D) fp32, grad weights (T, H, knn) fp32)."""
     if resolve_backend(backend, values, ids, weights, grad_out) == "triton":
-        from .weighted_bag import weighted_bag_backward_triton
+        from .weighted_bag_triton import weighted_bag_backward_triton
 
         return weighted_bag_backward_triton(values, ids, weights, grad_out)
     return weighted_bag_backward_reference(values, ids, weights, grad_out)

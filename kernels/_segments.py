@@ -300,4 +300,4 @@ def walk(runs: Runs, mode: int, values: torch.Tensor, weights: torch.Tensor, gra
         _combine_kernel[(n_win - 1,)](
             runs.sorted_ids, run_idx if run_idx is not None else dummy, values, out, uniq if uniq is not None else dummy,
             part, ma, va, step, mask, M, D, strides[0], strides[1], strides[2], *hyper,
-            UNROLL=max(unroll, 4), num_warps=num_warps, **flags)
+            UNROLL=16, num_warps=8 if W0 >= 512 else 4, **flags)  # a hot row's partials: wide tiles

@@ -66,7 +66,7 @@ def _case_wrappers(case):
     """The host wrappers of every kernel at one bench case's widths, on small CPU tensors."""
     import torch
 
-    from . import product_key, product_key_grad, sparse_update, weighted_bag
+    from . import product_key, product_key_grad, sparse_update, weighted_bag_triton
     from .histogram import slot_histogram_triton
 
     T, H, knn, n_keys, D, K, _ = case
@@ -87,10 +87,10 @@ def _case_wrappers(case):
             ids = torch.randint(0, N, (T, H, knn), generator=g)
             w = torch.rand(T, H, knn, generator=g)
             grad_out = torch.randn(T, D, generator=g).to(dtype)
-            weighted_bag.weighted_bag_forward_triton(values, ids, w)
-            weighted_bag.weighted_bag_grad_weights_triton(values, ids, grad_out)
-            weighted_bag.weighted_bag_backward_triton(values, ids, w, grad_out)
-            weighted_bag.weighted_bag_backward_dense_triton(values, ids, w, grad_out)
+            weighted_bag_triton.weighted_bag_forward_triton(values, ids, w)
+            weighted_bag_triton.weighted_bag_grad_weights_triton(values, ids, grad_out)
+            weighted_bag_triton.weighted_bag_backward_triton(values, ids, w, grad_out)
+            weighted_bag_triton.weighted_bag_backward_dense_triton(values, ids, w, grad_out)
             for state_dtype in (torch.float32, torch.bfloat16):
                 state = (torch.zeros(N, D, dtype=state_dtype), torch.zeros(N, D, dtype=state_dtype),
                          torch.zeros(N, dtype=torch.int64))

@@ -22,7 +22,7 @@ def pk_topk_backward_triton(query: torch.Tensor, keys: torch.Tensor, ids: torch.
                             chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact gradients of scores[t, h, k] = q1 . k1[i] + q2 . k2[j] (slot ids[t, h, k] = i * n_keys + j)
     -> (grad query (T, H, K) fp32, grad keys (H, 2, n_keys, K // 2) fp32)."""
-    from .weighted_bag import weighted_bag_backward_dense_triton, weighted_bag_forward_triton
+    from .weighted_bag_triton import weighted_bag_backward_dense_triton, weighted_bag_forward_triton
 
     T, H, K = query.shape
     n_keys, half = keys.shape[2], K // 2

@@ -24,7 +24,7 @@ import triton.language as tl
 from . import _alloc
 from ._row_update import ADAGRAD, ADAM, SGD
 from ._segments import _finish_row, _prefetch, row_pieces, sort_runs, walk
-from .weighted_bag import prep
+from .weighted_bag_triton import prep
 
 OPTIMIZERS = {"sgd": SGD, "adam": ADAM, "adagrad": ADAGRAD}
 

@@ -74,7 +74,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _interpret_triton_stdlib()
     _fast_interpreted_xor_reduce()
 
-KERNEL_MODULES = ("product_key", "weighted_bag", "_segments", "histogram", "sparse_update")
+KERNEL_MODULES = ("product_key", "weighted_bag_triton", "_segments", "histogram", "sparse_update")
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
 
 

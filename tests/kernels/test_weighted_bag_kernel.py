@@ -58,7 +58,7 @@ def test_weighted_bag_autograd(device, close, dtype, shape, mode):
 @pytest.mark.parametrize("chunk", [64, 4], ids=["one-window", "split-runs"])
 def test_weighted_bag_sparse_backward(device, close, dtype, chunk):
     """Runs split across windows of 4 entries (summed by the combine kernel) give the same rows."""
-    from slotwise.kernels.weighted_bag import weighted_bag_backward_triton
+    from slotwise.kernels.weighted_bag_triton import weighted_bag_backward_triton
 
     values, ids, weights, grad_out = _inputs(SHAPES[2], dtype, device, seed=1)
     uniq, rows, grad_w = weighted_bag_backward_triton(values, ids, weights, grad_out, chunk=chunk)
@@ -80,7 +80,7 @@ def test_public_sparse_backward_matches_reference(device, close):
 
 def test_skewed_ids_one_hot_row(device, close):
     """Zipf-like: most entries read one row, whose run spans many windows."""
-    from slotwise.kernels.weighted_bag import weighted_bag_backward_dense_triton
+    from slotwise.kernels.weighted_bag_triton import weighted_bag_backward_dense_triton
 
     values, ids, weights, grad_out = _inputs(SHAPES[0], torch.float32, device, seed=3)
     ids = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(4)).to(device) < 0.8, 3, ids)
@@ -98,7 +98,7 @@ def test_weighted_bag_only_weights_need_grad(device, close):
 
 
 def test_dense_backward_accumulates_into_buffer(device, close):
-    from slotwise.kernels.weighted_bag import weighted_bag_backward_dense_triton
+    from slotwise.kernels.weighted_bag_triton import weighted_bag_backward_dense_triton
 
     values, ids, weights, grad_out = _inputs(SHAPES[2], torch.float32, device)
     start = torch.randn(values.shape, generator=torch.Generator().manual_seed(3)).to(device)
@@ -122,7 +122,7 @@ def test_backward_is_bitwise_reproducible(device, sparse):
 
 
 def test_bad_shapes_are_clear_errors(device):
-    from slotwise.kernels.weighted_bag import weighted_bag_backward_triton
+    from slotwise.kernels.weighted_bag_triton import weighted_bag_backward_triton
 
     values, ids, weights, grad_out = _inputs(SHAPES[0], torch.float32, device)
     with pytest.raises(ValueError, match="grad_out must be"):
