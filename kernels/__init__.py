@@ -9,6 +9,8 @@ Public ops (every one takes backend="auto" | "triton" | "torch", see _dispatch.p
   weighted_bag_backward(...)           its backward as (unique row ids, row grads, grad weights)
   weighted_bag_backward_sgd_ / _adam_ / _rowwise_adagrad_
                                        that backward fused with the optimizer step on the rows
+  DeferredBagGrads                     weighted_bag(..., defer=sink): grad weights during backward,
+                                       the pool's fused step once after it (a pool shared by layers)
   slot_histogram(ids, n_slots, mask)   per-slot access counts and per-batch presence
   sparse_sgd_, sparse_adam_, sparse_rowwise_adagrad_
                                        optimizer steps that touch only the given rows
@@ -18,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import resolve_backend, triton_available
+from .deferred import DeferredBagGrads, deferred_weighted_bag
 from .weighted_bag_reference import weighted_bag_backward_reference, weighted_bag_reference
 from .histogram_reference import slot_histogram_reference
 from .product_key_reference import pk_topk_bruteforce, pk_topk_reference
@@ -38,6 +41,7 @@ __all__ = [
     "sparse_sgd_",
     "sparse_adam_",
     "sparse_rowwise_adagrad_",
+    "DeferredBagGrads",
     "pk_topk_reference",
     "pk_topk_bruteforce",
     "triton_available",
@@ -62,12 +66,16 @@ def pk_topk(query: torch.Tensor, keys: torch.Tensor, knn: int, backend: str = "a
 
 
 def weighted_bag(values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, backend: str = "auto",
-                 sparse_grad: bool = False) -> torch.Tensor:
+                 sparse_grad: bool = False, defer: DeferredBagGrads | None = None) -> torch.Tensor:
     """values (N, D), ids (T, H, knn), weights (T, H, knn) -> (T, D): sum_hk weights * values[ids].
 
     sparse_grad: values.grad is a sparse COO tensor of the touched rows (what the sparse
     optimizers want at N ~ 1M) instead of a dense (N, D) one. The Triton backward is deterministic.
+    defer: values get no gradient; the backward records (ids, weights, grad_out) there for one fused
+    backward + step after loss.backward() (deferred.py: a pool shared by several layers).
     """
+    if defer is not None:
+        return deferred_weighted_bag(values, ids, weights, defer, backend)
     if resolve_backend(backend, values, ids, weights) == "triton":
         from .weighted_bag_triton import weighted_bag_triton
 
@@ -85,13 +93,14 @@ def weighted_bag_backward(values, ids, weights, grad_out, backend: str = "auto")
     return weighted_bag_backward_reference(values, ids, weights, grad_out)
 
 
-def _backward_step(optimizer, values, state, ids, weights, grad_out, backend, row_mask, return_rows, **hyper):
+def _backward_step(optimizer, values, state, ids, weights, grad_out, backend, row_mask, return_rows, need_grad_w,
+                   **hyper):
     """Backward fused with an optimizer step on the touched rows (those in row_mask, if given)."""
     if resolve_backend(backend, values, ids, weights, grad_out) == "triton":
         from .sparse_update import weighted_bag_backward_step_triton
 
-        return weighted_bag_backward_step_triton(optimizer, values, state, ids, weights, grad_out,
-                                                 row_mask=row_mask, return_rows=return_rows, **hyper)
+        return weighted_bag_backward_step_triton(optimizer, values, state, ids, weights, grad_out, row_mask=row_mask,
+                                                 return_rows=return_rows, need_grad_w=need_grad_w, **hyper)
     rows, row_grads, grad_w = weighted_bag_backward_reference(values, ids, weights, grad_out)
     if row_mask is not None:
         keep = row_mask[rows]
@@ -103,36 +112,39 @@ def _backward_step(optimizer, values, state, ids, weights, grad_out, backend, ro
         sparse_adam_reference(values, *state, rows, row_grads, lr, **hyper)
     else:
         sparse_rowwise_adagrad_reference(values, *state, rows, row_grads, lr, **hyper)
-    return grad_w, rows if return_rows else None
+    return grad_w if need_grad_w else None, rows if return_rows else None
 
 
 def weighted_bag_backward_sgd_(values, ids, weights, grad_out, lr: float, backend: str = "auto",
-                               row_mask=None, return_rows: bool = True):
+                               row_mask=None, return_rows: bool = True, need_grad_w: bool = True):
     """Backward fused with an in-place SGD step on the touched rows of values.
 
-    -> (grad weights (T, H, knn) fp32, from the values before the step; stepped row ids (U,), or
-    None with return_rows=False: then the Triton path never waits on the device).
-    row_mask (N,) bool: step only those rows (the grad weights still cover every entry).
+    -> (grad weights (T, H, knn) fp32, from the values before the step, or None with
+    need_grad_w=False; stepped row ids (U,), or None with return_rows=False: then the Triton path
+    never waits on the device). row_mask (N,) bool: step only those rows (the grad weights still
+    cover every entry).
     """
-    return _backward_step("sgd", values, (), ids, weights, grad_out, backend, row_mask, return_rows, lr=lr)
+    return _backward_step("sgd", values, (), ids, weights, grad_out, backend, row_mask, return_rows, need_grad_w,
+                          lr=lr)
 
 
 def weighted_bag_backward_adam_(values, exp_avg, exp_avg_sq, step, ids, weights, grad_out, lr, beta1=0.9,
                                 beta2=0.999, eps=1e-8, weight_decay=0.0, backend: str = "auto", row_mask=None,
-                                return_rows: bool = True):
+                                return_rows: bool = True, need_grad_w: bool = True):
     """Backward fused with an in-place lazy Adam step on the touched rows (state as in sparse_adam_;
     exp_avg / exp_avg_sq fp32 or bf16). Returns and row_mask as in weighted_bag_backward_sgd_."""
     return _backward_step("adam", values, (exp_avg, exp_avg_sq, step), ids, weights, grad_out, backend, row_mask,
-                          return_rows, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+                          return_rows, need_grad_w, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                          weight_decay=weight_decay)
 
 
 def weighted_bag_backward_rowwise_adagrad_(values, state_sum, ids, weights, grad_out, lr, eps=1e-8,
                                            weight_decay=0.0, backend: str = "auto", row_mask=None,
-                                           return_rows: bool = True):
+                                           return_rows: bool = True, need_grad_w: bool = True):
     """Backward fused with an in-place row-wise Adagrad step (state_sum (N,) fp32, one float per row:
     the optimizer state is 4 bytes a row instead of Adam's 8 per element). Returns as above."""
     return _backward_step("adagrad", values, (state_sum,), ids, weights, grad_out, backend, row_mask, return_rows,
-                          lr=lr, eps=eps, weight_decay=weight_decay)
+                          need_grad_w, lr=lr, eps=eps, weight_decay=weight_decay)
 
 
 def slot_histogram(

@@ -102,11 +102,12 @@ def weighted_bag_backward_step_triton(optimizer: str, values: torch.Tensor, stat
                                       weights: torch.Tensor, grad_out: torch.Tensor, lr: float, beta1: float = 0.9,
                                       beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
                                       row_mask: torch.Tensor | None = None, return_rows: bool = True,
-                                      chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+                                      need_grad_w: bool = True, chunk: int = 64):
     """The weighted bag's backward fused with the optimizer step on the touched rows of `values` (in place).
 
-    -> (grad weights (T, H, knn) fp32, from the values before the step; the stepped row ids (U,)
-    ascending, or None with return_rows=False, which keeps the whole call free of host syncs).
+    -> (grad weights (T, H, knn) fp32, from the values before the step, or None with
+    need_grad_w=False; the stepped row ids (U,) ascending, or None with return_rows=False, which
+    keeps the whole call free of host syncs).
     """
     check_state(optimizer, values, state)
     values_in = values
@@ -116,9 +117,9 @@ def weighted_bag_backward_step_triton(optimizer: str, values: torch.Tensor, stat
     if row_mask is not None and (row_mask.shape != (values.shape[0],) or row_mask.dtype != torch.bool):
         raise ValueError(f"row_mask must be a bool ({values.shape[0]},) tensor")
     runs = sort_runs(ids, chunk)
-    grad_w = _alloc.empty(ids.shape, torch.float32, values.device)
+    grad_w = _alloc.empty(ids.shape, torch.float32, values.device) if need_grad_w else None
     ma, va, step = _state_args(optimizer, state, runs.perm)
-    walk(runs, OPTIMIZERS[optimizer], values, weights, grad_out, ids[0].numel(), need_grad_w=True,
+    walk(runs, OPTIMIZERS[optimizer], values, weights, grad_out, ids[0].numel(), need_grad_w=need_grad_w,
          state=(ma, va, step), row_mask=row_mask, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
          weight_decay=weight_decay, grad_w=grad_w)
     if not return_rows:
