@@ -1,15 +1,15 @@
 """Compile every Triton kernel for a GPU that need not be here; report registers, spills, shared memory.
 
-    python -m slotwise.kernels.compile_check [--arch 90] [--cases 1m-576,1m-1024,retrofit-896] [--json out.json]
+    python -m slotwise.kernels.compile_check [--arch 90] [--cases 1m-576,...] [--kernels _walk,...] [--json out.json]
 
 Triton ships ptxas and cuobjdump, so the kernels compile for sm_90 (H100) on a machine without a
 GPU. Each host wrapper runs on small CPU tensors with the bench cases' widths (D, heads, knn,
 n_keys: what the kernels are specialised on); every launch it would make is captured instead of
 run, specialised the way the runtime would (dtypes, 16-byte alignment, divisibility by 16) and
-compiled. The table shows per kernel: num_warps, REG (registers a thread), LOCAL (bytes a thread
-spilled: should be 0; STACK likewise) and SHARED (bytes a program). It checks that the kernels
-compile and what limits their occupancy; it says nothing about speed. Exit 1 if any kernel fails
-to compile or spills.
+compiled. The table shows per kernel: num_warps, REG (registers a thread), STACK / LOCAL (bytes a
+thread spills: should be 0) and SHARED (bytes a program). It checks that the kernels compile and
+what limits their occupancy (registers x threads against the SM's 64K registers); it says nothing
+about speed. Exit 1 if any kernel fails to compile; spills are flagged, not failed.
 """
 from __future__ import annotations
 
@@ -138,12 +138,14 @@ def main(argv=None) -> int:
                 err = None
             except Exception as e:  # noqa: BLE001 -- report every kernel, then fail
                 res, err = {}, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            failed |= err is not None or res.get("local", 0) > 0 or res.get("stack", 0) > 0
+            failed |= err is not None
+            spills = bool(res.get("local", 0) or res.get("stack", 0))
             dtypes = ",".join(sorted({str(x.dtype).removeprefix("torch.") for x in a if hasattr(x, "dtype")}))
-            rows.append(dict(case=label, kernel=fn.__name__, dtypes=dtypes, config=consts, error=err, **res))
+            rows.append(dict(case=label, kernel=fn.__name__, dtypes=dtypes, config=consts, error=err, spills=spills,
+                             **res))
             print(f"{label:13s} {fn.__name__:22s} {dtypes:24s} warps={kw.get('num_warps', 4)} "
                   + (f"REG={res['reg']:3d} STACK={res['stack']:4d} LOCAL={res['local']:4d} SHARED={res['shared']:6d}" if not err else f"FAILED {err}")
-                  + f"  {consts}", flush=True)
+                  + (" SPILLS" if spills else "") + f"  {consts}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(arch=args.arch, kernels=rows), f, indent=2)

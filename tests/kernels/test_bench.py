@@ -65,3 +65,19 @@ def test_bench_quick_runs_the_interpreted_smoke_check(tmp_path):
     assert "no CUDA device" in proc.stdout
     payload = json.loads(out.read_text())
     assert payload["device"] == "cpu" and payload["smoke"] and all(c["ok"] for c in payload["smoke"])
+
+
+@pytest.mark.slow
+def test_hot_kernels_compile_for_h100_without_spills(tmp_path):
+    """Triton's bundled ptxas compiles for sm_90 without a GPU: the bag forward and the backward walk
+    at the 1M x 576 widths must compile and keep every value in registers."""
+    out = tmp_path / "cc.json"
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-m", "slotwise.kernels.compile_check", "--cases", "1m-576",
+                           "--kernels", "_bag_fwd,_walk", "--json", str(out)], capture_output=True, text=True,
+                          env=env, timeout=1800)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    kernels = json.loads(out.read_text())["kernels"]
+    assert {k["kernel"] for k in kernels} == {"_bag_fwd_kernel", "_walk_kernel"}
+    for k in kernels:
+        assert not k["spills"] and k["reg"] <= 128, k
