@@ -64,3 +64,17 @@ def test_shared_pool_gets_one_merged_step(device, close, backend):
 def test_take_without_records_is_a_clear_error():
     with pytest.raises(ValueError, match="nothing recorded"):
         DeferredBagGrads().take()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_frozen_lookup_still_records(device, close, backend):
+    """SMF: only the pool requires grad (the lookup is frozen); the backward still records for the step."""
+    pool, ids, weights, target = _layers(device)
+    p = pool.clone().requires_grad_()
+    sink = DeferredBagGrads()
+    y = weighted_bag(p, ids[0], weights[0], backend=backend, defer=sink)
+    ((y - target) ** 2).sum().backward()
+    got_ids, got_w, got_g = sink.take()
+    assert p.grad is None
+    assert torch.equal(got_ids, ids[0]) and torch.equal(got_w, weights[0])
+    close(got_g, 2 * (weighted_bag_reference(pool, ids[0], weights[0]) - target))
