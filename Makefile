@@ -1,7 +1,8 @@
 # The two commands a newcomer needs (each sets up .venv from nothing on first use):
 #   make repro   run the pipeline (dvc repro) on the embedded default model and data
 #   make test    run the test suite (fast tests; `make test-slow`: real model, Prefect server,
-#                fresh-venv install; `make test-s3`: SeaweedFS on loopback; `make test-gpu`: CUDA)
+#                fresh-venv install; `make test-s3`: SeaweedFS on loopback; `make test-gpu`: CUDA;
+#                `make bench-gpu`: the GPU tests, then the kernel benchmark -> bench_out/kernels_bench.json)
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow test-s3 test-gpu test-all repro clean
+.PHONY: setup test test-slow test-s3 test-gpu bench-gpu test-all repro clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -26,6 +27,9 @@ test-s3: setup
 
 test-gpu: setup
 	TRITON_INTERPRET=0 $(PY) -m pytest -m gpu tests/gpu
+
+bench-gpu: test-gpu
+	TRITON_INTERPRET=0 $(PY) -m slotwise.kernels.bench --json bench_out/kernels_bench.json
 
 test-all: setup
 	$(PY) -m pytest -m "not gpu and not s3"

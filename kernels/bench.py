@@ -1,12 +1,19 @@
-"""Benchmark the memory kernels against the PyTorch reference path and the memory-bandwidth floor.
+"""Benchmark the memory kernels against the best plain PyTorch a user would write, and the bytes floor.
 
-    python -m slotwise.kernels.bench [--json bench.json] [--quick] [--cases 1m-576,1m-1024,retrofit-896]
+    python -m slotwise.kernels.bench [--json bench_out/kernels_bench.json] [--quick]
+                                     [--cases 1m-576,1m-1024,retrofit-896] [--dists uniform,zipf] [--budget 1.0]
 
-On CUDA, in one process: measures device copy bandwidth (the floor = bytes an op must move /
-that bandwidth), then for each case times every op and the whole memory layer
-(query projection -> pk_topk -> softmax -> weighted_bag -> backward -> sparse Adam on the touched
-rows) on the reference path and on the Triton path; prints a table and writes JSON.
-Without CUDA it says so and exits 0; with --quick it first runs a tiny interpreted smoke check.
+On CUDA, in one process: measures the device's copy bandwidth, then for each case and id
+distribution times every op, ours and the baseline, each for a fixed time budget (>= 20 runs, L2
+flushed before each, CUDA events around the op alone) and reports min / median / max ms. Baselines
+(bench_ops.py): bf16 matmul + torch.topk with autograd for the lookup, F.embedding_bag with
+per_sample_weights (sparse=True for the backward), torch.optim.SparseAdam for the update; never a
+reference that upcasts the table. Floors: the bytes the best design must move / copy bandwidth:
+forward M*D*e + M*8 + T*D*e, sparse backward U*D*(e+4) + M*12 + T*D*e, fused backward + Adam
+U*D*(2e+16) + M*12 + T*D*e (M = T*H*knn entries, U unique rows, e bytes per value). Ids: the
+lookup's own (about uniform) or Zipf (s = 1.15 over randomly placed rows: U/M about 10%, one row in
+~15% of the entries). Prints a table, writes JSON with the card's name.
+Without CUDA it says so and exits 0; --quick then runs a tiny interpreted smoke check instead.
 """
 from __future__ import annotations
 
@@ -14,8 +21,9 @@ import argparse
 import json
 import os
 import platform
+import statistics
+import subprocess
 import sys
-import time
 
 import torch
 
@@ -26,164 +34,125 @@ CASES = {
     "retrofit-896": (8192, 4, 32, 128, 896, 256, 896),
 }
 QUICK_CASE = (9, 3, 5, 13, 41, 10, 16)  # interpreter smoke shapes
+DISTS = ("uniform", "zipf")
+ZIPF_S = 1.15
+MIN_RUNS = 20
 
 
-def _timer(device: str):
-    """ms per call: triton.testing.do_bench on CUDA (L2 flushed, CUDA events), wall clock elsewhere."""
-    if device == "cuda":
-        import triton.testing
+class Timer:
+    """ms of fn on the device: warm up, then run for `budget` seconds and at least MIN_RUNS times,
+    each run after an L2 flush and timed by CUDA events around fn alone -> dict(min, median, max, runs)."""
 
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100)
+    def __init__(self, budget: float):
+        self.budget = budget
+        self.flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
 
-    def wall(fn):
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
+    def __call__(self, fn) -> dict:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        times, spent = [], 0.0
+        while len(times) < MIN_RUNS or spent < self.budget * 1e3:
+            self.flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+            spent += times[-1]
+            if len(times) >= 10_000:
+                break
+        return dict(min=min(times), median=statistics.median(times), max=max(times), runs=len(times))
 
-    return wall
 
-
-def copy_bandwidth(device: str, bench) -> float:
-    """Bytes/s of a large device-to-device copy (read + write), the floor's yardstick."""
-    n = (1 << 30) if device == "cuda" else (1 << 20)
-    src = torch.empty(n, dtype=torch.uint8, device=device)
+def copy_bandwidth(timer: Timer) -> float:
+    """Bytes/s of a 1 GiB device-to-device copy (read + write): the floors' yardstick."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    return 2 * n / (bench(lambda: dst.copy_(src)) * 1e-3)
+    return 2 * src.numel() / (timer(lambda: dst.copy_(src))["median"] * 1e-3)
 
 
-def _setup(case, device, dtype, seed=0):
-    T, H, knn, n_keys, D, K, d_model = case
-    g = torch.Generator(device=device).manual_seed(seed)
-    N = n_keys * n_keys
-    s = dict(
-        x=torch.randn(T, d_model, device=device, generator=g, dtype=dtype),
-        w_q=(torch.randn(d_model, H * K, device=device, generator=g) / d_model**0.5).to(dtype),
-        keys=(torch.randn(H, 2, n_keys, K // 2, device=device, generator=g) / (K // 2) ** 0.5).to(dtype),
-        values=(torch.randn(N, D, device=device, generator=g) * 0.02).to(dtype),
-        exp_avg=torch.zeros(N, D, device=device),
-        exp_avg_sq=torch.zeros(N, D, device=device),
-        step=torch.zeros(N, dtype=torch.int64, device=device),
-        grad_out=torch.randn(T, D, device=device, generator=g, dtype=dtype),
-    )
-    s["query"] = (s["x"] @ s["w_q"]).view(T, H, K)  # (T, H, K)
-    return s
+def zipf_ids(shape, n_slots: int, s: float, generator, device: str = "cuda") -> torch.Tensor:
+    """Ids with P(rank k) ~ k**-s, the ranks placed on randomly chosen rows."""
+    p = torch.arange(1, n_slots + 1, dtype=torch.float64, device=device).pow(-s)
+    ranks = torch.multinomial((p / p.sum()).float(), int(torch.Size(shape).numel()), replacement=True,
+                              generator=generator)
+    return torch.randperm(n_slots, device=device, generator=generator)[ranks].view(shape)
 
 
-def _rows(results, name, shape, ref_ms, tri_ms, nbytes, bw):
-    floor_ms = nbytes / bw * 1e3
-    results.append(dict(op=name, shape=shape, reference_ms=ref_ms, triton_ms=tri_ms, speedup=ref_ms / tri_ms,
-                        effective_tb_s=nbytes / (tri_ms * 1e-3) / 1e12, bytes=nbytes, floor_ms=floor_ms,
-                        pct_of_floor=100 * floor_ms / tri_ms))
+def floors(T, H, knn, D, elt, U) -> dict:
+    """Bytes the best design must move, per op."""
+    M = T * H * knn
+    return {"bag forward": M * D * elt + M * 8 + T * D * elt,
+            "bag backward (sparse)": U * D * (elt + 4) + M * 12 + T * D * elt,
+            "bag backward + adam (fused)": U * D * (2 * elt + 16) + M * 12 + T * D * elt}
 
 
-def bench_case(label, case, device, dtype, bench, bw, results):
-    from . import pk_topk, sparse_adam_, weighted_bag
-    from .embedding_bag import weighted_bag_backward_triton, weighted_bag_forward_triton
-    from .embedding_bag_reference import weighted_bag_backward_reference, weighted_bag_reference
-    from .product_key import pk_topk_triton
-    from .product_key_reference import pk_topk_reference
-    from .sparse_update import sparse_adam_triton, weighted_bag_backward_adam_triton
-    from .sparse_update_reference import sparse_adam_reference
+def bench_case(label, case, dist, timer, bw, results, dtype):
+    from . import bench_ops
 
     T, H, knn, n_keys, D, K, d_model = case
-    s = _setup(case, device, dtype)
-    elt = s["values"].element_size()
-    shape = f"T{T} H{H} knn{knn} N{n_keys}^2 D{D} {str(dtype).removeprefix('torch.')}"
-    q, keys, values, g_out = s["query"], s["keys"], s["values"], s["grad_out"]
-    state = (s["exp_avg"], s["exp_avg_sq"], s["step"])
-    M = T * H * knn  # value-row reads per forward
-
-    # 1. product-key lookup (bytes: queries and sub-keys in, ids and scores out)
-    lookup_bytes = q.numel() * q.element_size() + keys.numel() * keys.element_size() + M * 12
-    _rows(results, "pk_topk", shape, bench(lambda: pk_topk_reference(q, keys, knn)),
-          bench(lambda: pk_topk_triton(q, keys, knn)), lookup_bytes, bw)
-    scores, ids = pk_topk_triton(q, keys, knn)
-    w = torch.softmax(scores, -1)  # (T, H, knn)
-
-    # 2. weighted bag forward (bytes: the gathered rows, ids and weights, the output)
-    fwd_bytes = M * (D * elt + 12) + T * D * elt
-    _rows(results, "bag forward", shape, bench(lambda: weighted_bag_reference(values, ids, w)),
-          bench(lambda: weighted_bag_forward_triton(values, ids, w)), fwd_bytes, bw)
-
-    # 3. sparse backward (bytes: gathered rows again for grad weights, grad_out, the unique row grads)
-    uniq, row_grads, _ = weighted_bag_backward_triton(values, ids, w, g_out)
-    U = uniq.numel()
-    bwd_bytes = M * (D * elt + 16) + T * D * elt + U * D * 4
-    _rows(results, "bag backward (sparse)", shape, bench(lambda: weighted_bag_backward_reference(values, ids, w, g_out)),
-          bench(lambda: weighted_bag_backward_triton(values, ids, w, g_out)), bwd_bytes, bw)
-
-    # 4. sparse Adam on the U touched rows (bytes: row grads in; param, m, v read and written)
-    upd_bytes = U * (D * (4 + 2 * elt + 16) + 16)
-    _rows(results, f"sparse adam (U={U})", shape,
-          bench(lambda: sparse_adam_reference(values, *state, uniq, row_grads, 1e-3)),
-          bench(lambda: sparse_adam_triton(values, *state, uniq, row_grads, 1e-3)), upd_bytes, bw)
-
-    # 5. backward fused with Adam: row grads never reach memory
-    fused_bytes = M * (D * elt + 16) + T * D * elt + U * (D * (2 * elt + 16) + 16)
-
-    def fused_ref():
-        r, rg, _ = weighted_bag_backward_reference(values, ids, w, g_out)
-        sparse_adam_reference(values, *state, r, rg, 1e-3)
-
-    _rows(results, "bag backward + adam (fused)", shape, bench(fused_ref),
-          bench(lambda: weighted_bag_backward_adam_triton(values, *state, ids, w, g_out, 1e-3)), fused_bytes, bw)
-
-    # 6. the whole memory layer: forward + backward + sparse update of the touched value rows
-    x, w_q = s["x"], s["w_q"].detach().requires_grad_()
-    keys_p = keys.detach().requires_grad_()
-
-    def layer(backend):
-        query = (x @ w_q).view(T, H, K)  # (T, H, K)
-        sc, ids_ = pk_topk(query, keys_p, knn, backend=backend)
-        v = values.detach().requires_grad_()
-        out = weighted_bag(v, ids_, torch.softmax(sc, -1), backend=backend, sparse_grad=True)
-        out.backward(g_out)
-        grad = v.grad.coalesce()
-        sparse_adam_(values, *state, grad.indices()[0], grad.values(), 1e-3, backend=backend)
-
-    def layer_fused():
-        query = (x @ w_q).view(T, H, K)
-        sc, ids_ = pk_topk(query, keys_p, knn, backend="triton")
-        wts = torch.softmax(sc, -1)
-        weighted_bag(values, ids_, wts.detach(), backend="triton")  # the output feeds the model
-        # the model's backward hands back d loss / d out = g_out; the values update inside the backward
-        grad_w, _ = weighted_bag_backward_adam_triton(values, *state, ids_, wts.detach(), g_out, 1e-3)
-        wts.backward(grad_w.to(wts.dtype))  # on to the query projection and the sub-keys
-
-    layer_bytes = lookup_bytes + fwd_bytes + fused_bytes
-    ref_ms = bench(lambda: layer("torch"))
-    _rows(results, "layer fwd+bwd+adam", shape, ref_ms, bench(lambda: layer("triton")), layer_bytes, bw)
-    _rows(results, "layer fwd+bwd+adam (fused)", shape, ref_ms, bench(layer_fused), layer_bytes, bw)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    s = bench_ops.setup(case, dtype, g)
+    if dist == "zipf":
+        s["ids"] = zipf_ids(s["ids"].shape, n_keys * n_keys, ZIPF_S, g)
+    U = int(torch.unique(s["ids"]).numel())
+    M = T * H * knn
+    shape = f"T{T} H{H} knn{knn} N{n_keys}^2 D{D} {str(dtype).removeprefix('torch.')} {dist} U/M={U / M:.3f}"
+    nbytes = floors(T, H, knn, D, s["values"].element_size(), U)
+    for op, ours, base in bench_ops.pairs(s, case):
+        if dist == "zipf" and op.startswith(("pk_topk", "layer")):
+            continue  # the lookup does not see the id distribution; the layer uses the lookup's ids
+        r_ours, r_base = timer(ours), timer(base)
+        row = dict(case=label, dist=dist, op=op, shape=shape, U=U, M=M, ours_ms=r_ours, baseline_ms=r_base,
+                   speedup=r_base["median"] / r_ours["median"])
+        if op in nbytes:
+            row.update(bytes=nbytes[op], floor_ms=nbytes[op] / bw * 1e3,
+                       effective_tb_s=nbytes[op] / (r_ours["median"] * 1e-3) / 1e12)
+            row["x_floor"] = r_ours["median"] / row["floor_ms"]
+        results.append(row)
+        print(_format(row), flush=True)
 
 
-def print_table(results, bw):
-    print(f"\ndevice copy bandwidth: {bw / 1e12:.3f} TB/s (floor = bytes moved / this)")
-    head = f"{'op':30s} {'shape':34s} {'ref ms':>9s} {'triton ms':>9s} {'speedup':>8s} {'TB/s':>6s} {'floor ms':>8s} {'% floor':>7s}"
-    print(head)
-    print("-" * len(head))
-    for r in results:
-        print(f"{r['op']:30s} {r['shape']:34s} {r['reference_ms']:9.3f} {r['triton_ms']:9.3f} {r['speedup']:7.1f}x "
-              f"{r['effective_tb_s']:6.2f} {r['floor_ms']:8.3f} {r['pct_of_floor']:6.0f}%")
+def _format(r) -> str:
+    o, b = r["ours_ms"], r["baseline_ms"]
+    floor = f"{r['floor_ms']:8.3f} {r['x_floor']:6.2f}x {r['effective_tb_s']:5.2f}" if "floor_ms" in r else " " * 24
+    return (f"{r['case']:13s} {r['dist']:7s} {r['op']:30s} {o['min']:8.3f} {o['median']:8.3f} {o['max']:8.3f} "
+            f"{b['median']:9.3f} {r['speedup']:7.1f}x {floor}")
+
+
+HEADER = (f"{'case':13s} {'ids':7s} {'op':30s} {'min ms':>8s} {'med ms':>8s} {'max ms':>8s} {'torch ms':>9s} "
+          f"{'speedup':>8s} {'floor ms':>8s} {'/floor':>7s} {'TB/s':>5s}")
 
 
 def smoke_check() -> list[dict]:
-    """Tiny interpreted run of every Triton op against its reference (CPU, seconds)."""
-    from . import slot_histogram, weighted_bag_backward
-    from .embedding_bag_reference import weighted_bag_backward_reference
+    """Tiny interpreted run of every Triton op against its reference (CPU, about a minute)."""
+    from . import slot_histogram, weighted_bag_backward, weighted_bag_backward_adam_
     from .histogram_reference import slot_histogram_reference
     from .product_key import pk_topk_triton
     from .product_key_reference import pk_topk_reference
+    from .weighted_bag_triton import weighted_bag_forward_triton
+    from .weighted_bag_reference import weighted_bag_backward_reference, weighted_bag_reference
 
-    s = _setup(QUICK_CASE, "cpu", torch.float32)
-    knn, n_keys = QUICK_CASE[2], QUICK_CASE[3]
+    T, H, knn, n_keys, D, K, _ = QUICK_CASE
+    g = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(T, H, K, generator=g), torch.randn(H, 2, n_keys, K // 2, generator=g)
+    values, grad_out = torch.randn(n_keys**2, D, generator=g), torch.randn(T, D, generator=g)
     checks = []
-    _, ids = pk_topk_triton(s["query"], s["keys"], knn)
-    checks.append(("pk_topk ids", torch.equal(ids, pk_topk_reference(s["query"], s["keys"], knn)[1])))
-    w = torch.softmax(torch.randn(ids.shape), -1)
-    got = weighted_bag_backward(s["values"], ids, w, s["grad_out"], backend="triton")
-    ref = weighted_bag_backward_reference(s["values"], ids, w, s["grad_out"])
+    _, ids = pk_topk_triton(q, keys, knn)
+    checks.append(("pk_topk ids", torch.equal(ids, pk_topk_reference(q, keys, knn)[1])))
+    w = torch.softmax(torch.randn(ids.shape, generator=g), -1)
+    out = weighted_bag_forward_triton(values, ids, w)
+    checks.append(("bag forward", torch.allclose(out, weighted_bag_reference(values, ids, w), atol=1e-5)))
+    got = weighted_bag_backward(values, ids, w, grad_out, backend="triton")
+    ref = weighted_bag_backward_reference(values, ids, w, grad_out)
     checks.append(("bag backward", all(torch.allclose(a.float(), b.float(), atol=1e-5) for a, b in zip(got, ref))))
+    tables = [(values.clone(), torch.zeros_like(values), torch.zeros_like(values), torch.zeros(len(values), dtype=torch.long))
+              for _ in range(2)]
+    for table, backend in zip(tables, ("triton", "torch")):
+        weighted_bag_backward_adam_(*table, ids, w, grad_out, 1e-2, backend=backend)
+    checks.append(("fused adam", all(torch.allclose(a.float(), b.float(), atol=1e-5) for a, b in zip(*tables))))
     counts, _ = slot_histogram(ids, n_keys * n_keys, backend="triton")
     checks.append(("histogram", torch.equal(counts, slot_histogram_reference(ids, n_keys * n_keys)[0])))
     for name, ok in checks:
@@ -194,40 +163,59 @@ def smoke_check() -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default="bench_out/kernels_bench.json", help="where to write the results")
-    p.add_argument("--quick", action="store_true", help="one case, fewer repetitions (CPU: interpreted smoke check)")
+    p.add_argument("--quick", action="store_true", help="first case, uniform ids, 0.2 s a timing (CPU: smoke check)")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {list(CASES)}")
+    p.add_argument("--dists", default=",".join(DISTS), help=f"comma-separated, from {list(DISTS)}")
+    p.add_argument("--budget", type=float, default=1.0, help="seconds of device time per timing (>= 20 runs)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = p.parse_args(argv)
-    meta = dict(torch=torch.__version__, python=platform.python_version(), argv=sys.argv[1:])
-
+    labels, dists = args.cases.split(","), args.dists.split(",")
+    bad = [x for x in labels if x not in CASES] + [x for x in dists if x not in DISTS]
+    if bad:
+        print(f"slotwise.kernels.bench: unknown case or distribution {bad}; cases {list(CASES)}, dists {list(DISTS)}",
+              file=sys.stderr)
+        return 2
+    meta = dict(torch=torch.__version__, python=platform.python_version(), argv=sys.argv[1:] if argv is None else argv)
     if not torch.cuda.is_available():
         print("slotwise.kernels.bench: no CUDA device; the timings need a GPU (the Triton kernels run "
-              "on CPU only interpreted, which says nothing about speed).")
+              "on CPU only interpreted, which says nothing about speed).", flush=True)
+        if args.quick and os.environ.get("TRITON_INTERPRET") != "1":
+            # the interpreter must be chosen before triton is imported: run the smoke check in a child
+            env = dict(os.environ, TRITON_INTERPRET="1")
+            argv = sys.argv[1:] if argv is None else argv
+            return subprocess.run([sys.executable, "-m", "slotwise.kernels.bench", *argv], env=env).returncode
         if args.quick:
-            os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module defines its kernels
             meta["smoke"] = smoke_check()
             _write(args.json, dict(meta, device="cpu", results=[]))
+            return 0 if all(c["ok"] for c in meta["smoke"]) else 1
         return 0
+    import triton
+
+    meta["triton"] = triton.__version__
 
     dtype = getattr(torch, args.dtype)
-    meta["device"] = torch.cuda.get_device_name()
-    bench = _timer("cuda")
-    bw = copy_bandwidth("cuda", bench)
+    if args.quick:
+        labels, dists, args.budget = labels[:1], dists[:1], 0.2
+    timer = Timer(args.budget)
+    bw = copy_bandwidth(timer)
+    meta.update(device=torch.cuda.get_device_name(), copy_bandwidth_bytes_s=bw, budget_s=args.budget, zipf_s=ZIPF_S)
+    print(f"{meta['device']}: copy bandwidth {bw / 1e12:.3f} TB/s; times in ms over >= {MIN_RUNS} runs "
+          f"and {args.budget} s each\n{HEADER}", flush=True)
     results: list[dict] = []
-    labels = args.cases.split(",")[:1] if args.quick else args.cases.split(",")
     for label in labels:
-        print(f"case {label} ...", flush=True)
-        bench_case(label, CASES[label], "cuda", dtype, bench, bw, results)
-        torch.cuda.empty_cache()
-    print_table(results, bw)
-    _write(args.json, dict(meta, copy_bandwidth_bytes_s=bw, results=results))
+        for dist in dists:
+            bench_case(label, CASES[label], dist, timer, bw, results, dtype)
+            torch.cuda.empty_cache()
+    _write(args.json, dict(meta, results=results))
     return 0
 
 
 def _write(path, payload):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
     print(f"wrote {path}")
 
 

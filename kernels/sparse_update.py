@@ -1,13 +1,17 @@
 """Sparse row updates, the Triton kernels (spec: sparse_update_reference).
 
-Every program owns one row of `rows` (unique ids) and reads and writes that row only, so all
-other rows of the table, and of the Adam state, stay bitwise unchanged; the cost grows with the
-number of rows touched, not with N.
+Row-grad steps (sparse_sgd_, sparse_adam_, sparse_rowwise_adagrad_): one program per given row
+reads and writes that row only (the whole row, as two power-of-two slices), so every other row of
+the table and of the optimizer state stays bitwise unchanged; the cost grows with the number of
+rows touched, not with N.
 
-The fused variants take the weighted-bag backward's inputs instead of row gradients: each
-program sums its row's gradient from the sorted segment of (token, weight) pairs
-(embedding_bag._segment_grad) one D-block at a time and applies the step at once, so the row
-gradients never round-trip through memory.
+Fused backward + step (weighted_bag_backward_{sgd,adam,adagrad}_): the weighted bag's backward walk
+(_segments.walk) finishes each touched row with the optimizer step instead of writing its gradient,
+so row gradients never reach memory; the values row it loads for the grad weights is the row it
+steps, and the Adam state is fetched before the run is walked. row_mask limits the step to chosen
+rows (SMF's top-t); the grad weights still cover every entry. Optimizer state: Adam's exp_avg and
+exp_avg_sq in fp32 or bf16 (half the state bytes; rounded to nearest after each step), or row-wise
+Adagrad's one fp32 accumulator per row (FBGEMM's EXACT_ROWWISE_ADAGRAD).
 """
 from __future__ import annotations
 
@@ -17,140 +21,109 @@ import torch
 import triton
 import triton.language as tl
 
-from .embedding_bag import _blocks, _grad_weights, _prep, _segment_grad, sort_segments
+from . import _alloc
+from ._row_update import ADAGRAD, ADAM, SGD
+from ._segments import _finish_row, _prefetch, row_pieces, sort_runs, walk
+from .weighted_bag_triton import prep
+
+OPTIMIZERS = {"sgd": SGD, "adam": ADAM, "adagrad": ADAGRAD}
 
 
 @triton.jit
-def _row_grad(grads_ptr, u, stride_g, g_ptr, w_ptr, perm_ptr, seg_ptr, HK, D, d, d_mask,
-              FUSED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Gradient of the u-th touched row on columns d: stored (grads[u]) or fused (segment sum)."""
-    if FUSED:
-        start = tl.load(seg_ptr + u)
-        end = tl.load(seg_ptr + u + 1)
-        return _segment_grad(g_ptr, w_ptr, perm_ptr, start, end, HK, D, d, d_mask, BLOCK_S, BLOCK_D)
-    else:
-        return tl.load(grads_ptr + u.to(tl.int64) * stride_g + d, mask=d_mask, other=0.0).to(tl.float32)
+def _row_step_kernel(table_ptr, rows_ptr, grads_ptr, ma_ptr, va_ptr, step_ptr, D, stride_t, stride_g, stride_m,
+                     lr, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay,
+                     MODE: tl.constexpr, HAS_WD: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr):
+    i = tl.program_id(0)
+    row = tl.load(rows_ptr + i).to(tl.int64)
+    c0 = tl.arange(0, W0)
+    c1 = W0 + tl.arange(0, W1)
+    cm1 = c1 < D
+    src = grads_ptr + i.to(tl.int64) * stride_g
+    g0 = tl.load(src + c0).to(tl.float32)
+    g1 = tl.load(src + c1, mask=cm1, other=0.0).to(tl.float32)
+    p0, p1, m0, m1, v0, v1 = _prefetch(row, row >= 0, c0, c1, cm1, table_ptr, stride_t, ma_ptr, va_ptr, stride_m,
+                                       True, MODE)
+    _finish_row(row, i, g0, g1, p0, p1, m0, m1, v0, v1, c0, c1, cm1, D, table_ptr, stride_t, table_ptr, rows_ptr, 0,
+                ma_ptr, va_ptr, step_ptr, stride_m, lr, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay,
+                MODE, HAS_WD)
 
 
-@triton.jit
-def _sgd_kernel(table_ptr, rows_ptr, grads_ptr, g_ptr, w_ptr, perm_ptr, seg_ptr,
-                lr, D, HK, stride_t, stride_g,
-                FUSED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    u = tl.program_id(0)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = d < D
-    row = tl.load(rows_ptr + u).to(tl.int64)
-    g = _row_grad(grads_ptr, u, stride_g, g_ptr, w_ptr, perm_ptr, seg_ptr, HK, D, d, d_mask, FUSED, BLOCK_S, BLOCK_D)
-    p_ptrs = table_ptr + row * stride_t + d
-    p = tl.load(p_ptrs, mask=d_mask, other=0.0).to(tl.float32)
-    tl.store(p_ptrs, (p - lr * g).to(table_ptr.dtype.element_ty), mask=d_mask)
+def check_state(optimizer: str, table: torch.Tensor, state: tuple) -> None:
+    """Clear errors for tables and optimizer state the in-place kernels cannot take."""
+    if table.dim() != 2 or table.stride(1) != 1:
+        raise ValueError("sparse updates work in place: the table must be (N, D) with unit column stride")
+    N = table.shape[0]
+    if optimizer == "adam":
+        exp_avg, exp_avg_sq, step = state
+        for s in (exp_avg, exp_avg_sq):
+            if s.shape != table.shape or s.dtype not in (torch.float32, torch.bfloat16) or s.stride() != exp_avg.stride() \
+                    or s.stride(1) != 1 or s.dtype != exp_avg.dtype:
+                raise ValueError(f"Adam state must be two fp32 or two bf16 {tuple(table.shape)} tensors with equal strides")
+        if step.shape != (N,) or step.dtype != torch.int64:
+            raise ValueError(f"Adam step must be an int64 ({N},) tensor")
+    elif optimizer == "adagrad":
+        (acc,) = state
+        if acc.shape != (N,) or acc.dtype != torch.float32:
+            raise ValueError(f"row-wise Adagrad state must be an fp32 ({N},) tensor")
 
 
-@triton.jit
-def _adam_kernel(table_ptr, m_ptr, v_ptr, step_ptr, rows_ptr, grads_ptr, g_ptr, w_ptr, perm_ptr, seg_ptr,
-                 lr, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay, D, HK, stride_t, stride_m, stride_g,
-                 HAS_WD: tl.constexpr, FUSED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    # one program per row and a loop over D, so the row's step counter is read and bumped once
-    u = tl.program_id(0)
-    row = tl.load(rows_ptr + u).to(tl.int64)
-    t = tl.load(step_ptr + row) + 1
-    tl.store(step_ptr + row, t)
-    tf = t.to(tl.float32)
-    bc1 = 1.0 - tl.exp2(tf * log2_beta1)  # 1 - beta1**t, per row (lazy state)
-    bc2 = 1.0 - tl.exp2(tf * log2_beta2)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = d < D
-        g = _row_grad(grads_ptr, u, stride_g, g_ptr, w_ptr, perm_ptr, seg_ptr, HK, D, d, d_mask, FUSED, BLOCK_S, BLOCK_D)
-        p_ptrs = table_ptr + row * stride_t + d
-        p = tl.load(p_ptrs, mask=d_mask, other=0.0).to(tl.float32)
-        if HAS_WD:
-            g += weight_decay * p
-        m = tl.load(m_ptr + row * stride_m + d, mask=d_mask, other=0.0) * beta1 + (1.0 - beta1) * g
-        v = tl.load(v_ptr + row * stride_m + d, mask=d_mask, other=0.0) * beta2 + (1.0 - beta2) * g * g
-        tl.store(m_ptr + row * stride_m + d, m, mask=d_mask)
-        tl.store(v_ptr + row * stride_m + d, v, mask=d_mask)
-        p = p - lr * (m / bc1) / (tl.sqrt(v / bc2) + eps)
-        tl.store(p_ptrs, p.to(table_ptr.dtype.element_ty), mask=d_mask)
+def _state_args(optimizer: str, state: tuple, dummy: torch.Tensor) -> tuple:
+    if optimizer == "adam":
+        return state[0], state[1], state[2]
+    if optimizer == "adagrad":
+        return state[0], dummy, dummy
+    return dummy, dummy, dummy
 
 
-def _check_table(table: torch.Tensor, *state: torch.Tensor) -> None:
-    for t in (table, *state):
-        if t.stride(-1) != 1:
-            raise ValueError("sparse updates work in place: table and state need unit column stride")
-    for s in state:
-        if s.dtype != torch.float32 or s.shape != table.shape or s.stride(0) != state[0].stride(0):
-            raise ValueError(f"Adam state must be fp32 {tuple(table.shape)} with matching strides")
+def _hyper(lr, beta1, beta2, eps, weight_decay) -> tuple:
+    return float(lr), float(beta1), float(beta2), math.log2(beta1), math.log2(beta2), float(eps), float(weight_decay)
 
 
-def _launch_sgd(table, rows, lr, grads=None, fused=None):
-    D = table.shape[1]
-    BLOCK_S, BLOCK_D = _blocks(D)
-    g_out, w, perm, seg, HK = fused if fused is not None else (rows, rows, rows, rows, 1)
-    grads = grads if grads is not None else rows  # an unused pointer argument
-    _sgd_kernel[(rows.numel(), triton.cdiv(D, BLOCK_D))](
-        table, rows, grads, g_out, w, perm, seg, float(lr), D, HK, table.stride(0),
-        grads.stride(0) if grads.dim() == 2 else 0,
-        FUSED=fused is not None, BLOCK_S=min(BLOCK_S, 16), BLOCK_D=BLOCK_D, num_warps=4)
+def sparse_step_triton(optimizer: str, table: torch.Tensor, state: tuple, rows: torch.Tensor, grads: torch.Tensor,
+                       lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                       weight_decay: float = 0.0) -> None:
+    """In place: the optimizer step on table[rows] (rows (U,) unique) from grads (U, D); nothing else changes."""
+    check_state(optimizer, table, state)
+    if grads.shape != (rows.numel(), table.shape[1]):
+        raise ValueError(f"grads must be {(rows.numel(), table.shape[1])}, got {tuple(grads.shape)}")
+    if not rows.numel():
+        return
+    rows, grads = rows.contiguous(), grads.contiguous()
+    ma, va, step = _state_args(optimizer, state, rows)
+    W0, W1 = row_pieces(table.shape[1])
+    _row_step_kernel[(rows.numel(),)](
+        table, rows, grads, ma, va, step, table.shape[1], table.stride(0), grads.stride(0),
+        ma.stride(0) if ma.dim() == 2 else 0, *_hyper(lr, beta1, beta2, eps, weight_decay),
+        MODE=int(OPTIMIZERS[optimizer].value), HAS_WD=weight_decay != 0, W0=W0, W1=W1,
+        num_warps=4 if W0 >= 1024 else 2 if W0 >= 256 else 1)
 
 
-def _launch_adam(table, exp_avg, exp_avg_sq, step, rows, lr, beta1, beta2, eps, weight_decay, grads=None, fused=None):
-    D = table.shape[1]
-    BLOCK_S, BLOCK_D = _blocks(D)
-    g_out, w, perm, seg, HK = fused if fused is not None else (rows, rows, rows, rows, 1)
-    grads = grads if grads is not None else rows
-    _adam_kernel[(rows.numel(),)](
-        table, exp_avg, exp_avg_sq, step, rows, grads, g_out, w, perm, seg,
-        float(lr), float(beta1), float(beta2), math.log2(beta1), math.log2(beta2), float(eps), float(weight_decay),
-        D, HK, table.stride(0), exp_avg.stride(0), grads.stride(0) if grads.dim() == 2 else 0,
-        HAS_WD=weight_decay != 0, FUSED=fused is not None, BLOCK_S=min(BLOCK_S, 16), BLOCK_D=BLOCK_D, num_warps=4)
+def weighted_bag_backward_step_triton(optimizer: str, values: torch.Tensor, state: tuple, ids: torch.Tensor,
+                                      weights: torch.Tensor, grad_out: torch.Tensor, lr: float, beta1: float = 0.9,
+                                      beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+                                      row_mask: torch.Tensor | None = None, return_rows: bool = True,
+                                      need_grad_w: bool = True, chunk: int = 64):
+    """The weighted bag's backward fused with the optimizer step on the touched rows of `values` (in place).
 
-
-def sparse_sgd_triton(table: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor, lr: float) -> None:
-    """In place: table[rows] -= lr * grads; rows (U,) unique, grads (U, D)."""
-    _check_table(table)
-    if rows.numel():
-        _launch_sgd(table, rows.contiguous(), lr, grads=grads.contiguous())
-
-
-def sparse_adam_triton(table, exp_avg, exp_avg_sq, step, rows, grads, lr, beta1=0.9, beta2=0.999, eps=1e-8,
-                       weight_decay=0.0) -> None:
-    """In place Adam with lazy per-row state on rows (U,) unique; see sparse_adam_reference."""
-    _check_table(table, exp_avg, exp_avg_sq)
-    if rows.numel():
-        _launch_adam(table, exp_avg, exp_avg_sq, step, rows.contiguous(), lr, beta1, beta2, eps, weight_decay,
-                     grads=grads.contiguous())
-
-
-def _fused_prep(values, ids, weights, grad_out):
-    """grad weights (read values before they change) and the sorted segments for the row sums."""
-    values, ids, weights = _prep(values, ids, weights)
-    grad_out = grad_out.contiguous()
-    grad_w = _grad_weights(values, ids, weights, grad_out)
-    uniq, perm, seg = sort_segments(ids)
-    return grad_w, uniq, (grad_out, weights, perm, seg, ids[0].numel())
-
-
-def weighted_bag_backward_sgd_triton(values, ids, weights, grad_out, lr) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward of weighted_bag fused with an SGD step on the touched rows of `values` (in place).
-
-    Returns (grad weights (T, H, knn) fp32, computed from the values before the step; unique row ids (U,)).
+    -> (grad weights (T, H, knn) fp32, from the values before the step, or None with
+    need_grad_w=False; the stepped row ids (U,) ascending, or None with return_rows=False, which
+    keeps the whole call free of host syncs).
     """
-    _check_table(values)
-    grad_w, uniq, fused = _fused_prep(values, ids, weights, grad_out)
-    if uniq.numel():
-        _launch_sgd(values, uniq, lr, fused=fused)
-    return grad_w, uniq
+    check_state(optimizer, values, state)
+    values_in = values
+    values, ids, weights, grad_out = prep(values, ids, weights, grad_out)
+    if values is not values_in:
+        raise ValueError("sparse updates work in place: values needs unit column stride")
+    if row_mask is not None and (row_mask.shape != (values.shape[0],) or row_mask.dtype != torch.bool):
+        raise ValueError(f"row_mask must be a bool ({values.shape[0]},) tensor")
+    runs = sort_runs(ids, chunk)
+    grad_w = _alloc.empty(ids.shape, torch.float32, values.device) if need_grad_w else None
+    ma, va, step = _state_args(optimizer, state, runs.perm)
+    walk(runs, OPTIMIZERS[optimizer], values, weights, grad_out, ids[0].numel(), need_grad_w=need_grad_w,
+         state=(ma, va, step), row_mask=row_mask, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+         weight_decay=weight_decay, grad_w=grad_w)
+    if not return_rows:
+        return grad_w, None
+    rows = torch.unique_consecutive(runs.sorted_ids).to(torch.int64)
+    return grad_w, rows if row_mask is None else rows[row_mask[rows]]
 
-
-def weighted_bag_backward_adam_triton(values, exp_avg, exp_avg_sq, step, ids, weights, grad_out, lr, beta1=0.9,
-                                      beta2=0.999, eps=1e-8, weight_decay=0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward of weighted_bag fused with a lazy Adam step on the touched rows of `values` (in place).
-
-    Returns (grad weights (T, H, knn) fp32, computed from the values before the step; unique row ids (U,)).
-    """
-    _check_table(values, exp_avg, exp_avg_sq)
-    grad_w, uniq, fused = _fused_prep(values, ids, weights, grad_out)
-    if uniq.numel():
-        _launch_adam(values, exp_avg, exp_avg_sq, step, uniq, lr, beta1, beta2, eps, weight_decay, fused=fused)
-    return grad_w, uniq

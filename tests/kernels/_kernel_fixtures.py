@@ -46,10 +46,35 @@ def _interpret_triton_stdlib() -> None:
                 setattr(mod, attr, rebuilt[id(value)])
 
 
+def _fast_interpreted_xor_reduce() -> None:
+    """Give the interpreter a numpy path for xor reductions: tl.sort / tl.topk (bitonic networks) xor
+    along size-2 axes, which the interpreter otherwise reduces one element at a time in Python
+    (~90% of the interpreted product-key search's time). Same results, bit for bit."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    if getattr(interpreter.ReduceOps, "_slotwise_fast_xor", False):
+        return
+    slow = interpreter.ReduceOps.apply_impl
+
+    def apply_impl(self, input):
+        if self.combine_fn is tl.standard._xor_combine and len(input) == 1:
+            data = input[0].handle.data
+            out = np.bitwise_xor.reduce(data, axis=self.axis, keepdims=self.keep_dims) if self.axis is not None \
+                else np.bitwise_xor.reduce(data.flatten())
+            return self.to_tensor(out, input[0].dtype)
+        return slow(self, input)
+
+    interpreter.ReduceOps.apply_impl = apply_impl
+    interpreter.ReduceOps._slotwise_fast_xor = True
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     _interpret_triton_stdlib()
+    _fast_interpreted_xor_reduce()
 
-KERNEL_MODULES = ("product_key", "embedding_bag", "histogram", "sparse_update")
+KERNEL_MODULES = ("product_key", "weighted_bag_triton", "_segments", "histogram", "sparse_update")
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
 
 

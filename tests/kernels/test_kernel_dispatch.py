@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from _kernel_fixtures import device  # noqa: F401  (pytest fixture)
 
 from slotwise.kernels import weighted_bag
 from slotwise.kernels._dispatch import resolve_backend
@@ -38,3 +39,18 @@ def test_importing_kernels_does_not_import_triton():
     """Triton loads lazily, so importing slotwise never fixes the interpreter choice too early."""
     code = "import sys, slotwise.kernels; assert 'triton' not in sys.modules, 'triton imported eagerly'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_public_ops_survive_importing_every_kernel_module(device):
+    """A submodule named like an op would replace the op on the package once imported
+    (kernels.weighted_bag the module instead of the function): every public name stays callable."""
+    import importlib
+    import pkgutil
+
+    from slotwise import kernels
+
+    for mod in pkgutil.iter_modules(kernels.__path__):
+        if mod.name not in ("bench", "compile_check"):
+            importlib.import_module(f"slotwise.kernels.{mod.name}")
+    for name in kernels.__all__:
+        assert callable(getattr(kernels, name)), f"slotwise.kernels.{name} is a {type(getattr(kernels, name))}"

@@ -48,10 +48,14 @@ def weighted_bag_backward_reference(
     """Sparse gradient of weighted_bag: (unique row ids (U,), row grads (U, D) fp32, grad weights (T, H, knn) fp32)."""
     T, H, knn = ids.shape
     g = grad_out.float()
-    # d out / d weights[t, h, k] = values[ids[t, h, k]] . grad_out[t]
-    grad_w = torch.einsum("thkd,td->thk", values[ids].float(), g)
+    grad_w = weighted_bag_grad_weights_reference(values, ids, g)
     uniq, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
     contrib = weights.float().reshape(T, H * knn, 1) * g.unsqueeze(1)  # (T, H*knn, D)
     row_grads = torch.zeros(uniq.numel(), values.shape[1], dtype=torch.float32, device=values.device)
     row_grads.index_add_(0, inverse, contrib.reshape(T * H * knn, -1))
     return uniq, row_grads, grad_w
+
+
+def weighted_bag_grad_weights_reference(values: torch.Tensor, ids: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """d out / d weights[t, h, k] = values[ids[t, h, k]] . grad_out[t] -> (T, H, knn) fp32."""
+    return torch.einsum("thkd,td->thk", values[ids].float(), grad_out.float())
