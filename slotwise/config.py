@@ -20,6 +20,7 @@ from slotwise.models import DEFAULT_MODEL
 from slotwise.continual.experiment import ContinualParams
 from slotwise.optim import SCHEDULES
 from slotwise.retrofit import MODES, RetrofitConfig
+from slotwise.testbed import TestbedParams, check_params as check_testbed_params
 from slotwise.training import LoopParams
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -58,7 +59,7 @@ class DataParams:
     sources: list[str] = field(default_factory=lambda: ["packages", "local"])  # tried in order; "hub" when online
     local_dir: str = "../shared/data"
     seed: int = 0
-    facts_from: str = "triviaqa"  # triviaqa | nq_open
+    facts_from: str = "triviaqa"  # triviaqa | nq_open | testbed (synthetic people: slotwise.testbed)
     n_facts: int = 200
     n_paraphrases: int = 8
     mark_known: bool = True  # greedy-answer every probe with the base model and mark what it knows
@@ -70,6 +71,7 @@ class DataParams:
     heldout_docs: int = 300  # held-out documents for perplexity
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     task_limit: int = 500  # examples kept per evaluation task
+    testbed: TestbedParams = field(default_factory=TestbedParams)  # used when facts_from is testbed
 
 
 @dataclass
@@ -82,7 +84,9 @@ class PretrainParams:
     num_kv_heads: int = 2
     intermediate_size: int = 768
     memory_layers: list[int] = field(default_factory=lambda: [3])
+    memory_mode: str = "additive"  # additive: FFN + memory | replace: the memory instead of the layer's FFN
     memory_out_init_std: float = 0.02
+    tokenizer_vocab: int | None = None  # None: the tokenizer of --model; N: a byte-level BPE of N tokens fitted to the training text
 
 
 @dataclass
@@ -223,6 +227,10 @@ def _check(params: Params, where: str) -> None:
         raise ConfigError(f"{where}: key 'train.loop.optim.schedule': expected one of {SCHEDULES}, got {t.loop.optim.schedule!r}")
     if t.pretrain.variant not in ("memory", "dense"):
         raise ConfigError(f"{where}: key 'train.pretrain.variant': expected memory | dense, got {t.pretrain.variant!r}")
+    if t.pretrain.tokenizer_vocab is not None and t.pretrain.tokenizer_vocab < 300:
+        raise ConfigError(f"{where}: key 'train.pretrain.tokenizer_vocab': expected null or at least 300, got {t.pretrain.tokenizer_vocab}")
+    if t.pretrain.memory_mode not in MODES:
+        raise ConfigError(f"{where}: key 'train.pretrain.memory_mode': expected one of {MODES}, got {t.pretrain.memory_mode!r}")
     if t.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"{where}: key 'train.device': expected auto | cpu | cuda, got {t.device!r}")
     d = params.data
@@ -231,14 +239,20 @@ def _check(params: Params, where: str) -> None:
     for src in d.sources:
         if src not in SOURCES:
             raise ConfigError(f"{where}: key 'data.sources': expected items from {SOURCES}, got {src!r}")
-    if d.facts_from not in ("triviaqa", "nq_open"):
-        raise ConfigError(f"{where}: key 'data.facts_from': expected 'triviaqa' or 'nq_open', got {d.facts_from!r}")
+    if d.facts_from not in ("triviaqa", "nq_open", "testbed"):
+        raise ConfigError(f"{where}: key 'data.facts_from': expected 'triviaqa', 'nq_open' or 'testbed', got {d.facts_from!r}")
     if d.background not in ("wikipedia", "wikitext2"):
         raise ConfigError(f"{where}: key 'data.background': expected 'wikipedia' or 'wikitext2', got {d.background!r}")
     for task in d.tasks:
         if task not in TASKS:
             raise ConfigError(f"{where}: key 'data.tasks': unknown task {task!r} (known: {', '.join(TASKS)})")
-    if not 1 <= d.n_paraphrases <= 11:
+    if d.facts_from == "testbed":
+        try:
+            check_testbed_params(d.testbed, d.n_paraphrases)
+        except ValueError as exc:
+            key = "n_paraphrases" if str(exc).startswith("n_paraphrases") else "testbed"
+            raise ConfigError(f"{where}: key 'data.{key}': {exc}") from None
+    elif not 1 <= d.n_paraphrases <= 11:
         raise ConfigError(f"{where}: key 'data.n_paraphrases': expected 1..11, got {d.n_paraphrases}")
     r = params.retrofit
     if r.dtype not in DTYPES:
