@@ -51,14 +51,16 @@ def memory_report(model, heldout: list[torch.Tensor], stats_batches: list[torch.
     """Everything the heal targets ask for, in one JSON-able dict."""
     model.eval()
     ppl_on = perplexity(model, heldout)
-    with memory_disabled(model):
-        ppl_off = perplexity(model, heldout)
+    ppl_off = None
+    if all(m.mode == "additive" for m in model.modules() if isinstance(m, MemoryMLP)):  # a replaced FFN has no "off"
+        with memory_disabled(model):
+            ppl_off = perplexity(model, heldout)
     per_layer, per_pool = collect(model, stats_batches, progress="slot usage (held-out)")
     norms = memory_norm_ratio(model, heldout[:2])
     return {
         "heldout_ppl_memory_on": ppl_on,
         "heldout_ppl_memory_off": ppl_off,
-        "memory_off_ppl_increase": ppl_off / ppl_on - 1,
+        "memory_off_ppl_increase": None if ppl_off is None else ppl_off / ppl_on - 1,
         "layers": {str(i): {**{k: v for k, v in summarize(s).items() if k != "top_slots"}, "output_norm_ratio": norms.get(i)}
                    for i, s in per_layer.items()},
         "pools": {name: {k: v for k, v in summarize(s).items() if k != "top_slots"} for name, s in per_pool.items()},
