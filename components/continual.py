@@ -31,7 +31,7 @@ from slotwise.checkpoint import load_checkpoint, model_hash
 from slotwise.components._cli import component_parser, run_cli
 from slotwise.config import ConfigError, load_params, to_yaml
 from slotwise.continual.delta import delta_nbytes, extract_delta, save_delta
-from slotwise.continual.experiment import ContinualParams, MethodRun, measure, relative_drop, run_stream, screen_known
+from slotwise.continual.experiment import ContinualParams, MethodRun, measure, relative_drop, run_stream, screen_answered, screen_known
 from slotwise.continual.frontier import common_levels, expand_sweeps, matched
 from slotwise.continual.selection import load_backgrounds
 from slotwise.continual.updaters import make_updater
@@ -133,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
 
     start_model, tokenizer = load_checkpoint(args.model)
     start_model.to(device)
-    qa = [r for _, r in read_jsonl(data / "tasks/triviaqa.jsonl", ("question", "answers"))][: p.known_screen]
-    known = screen_known(start_model, tokenizer, qa, p.batch_size)
+    if (data / "retention.jsonl").is_file():  # the testbed's old population, probed with held-out templates
+        qa = [{"probe": r["probe"], "answers": r["answers"]} for _, r in read_jsonl(data / "retention.jsonl", ("probe", "answers"))][: p.known_screen]
+        known = screen_answered(start_model, tokenizer, qa, p.batch_size)
+    else:
+        qa = [r for _, r in read_jsonl(data / "tasks/triviaqa.jsonl", ("question", "answers"))][: p.known_screen]
+        known = screen_known(start_model, tokenizer, qa, p.batch_size)
     heldout = [r["text"] for _, r in read_jsonl(data / "background/heldout.jsonl", ("text",))]
     ppl_blocks = token_blocks(tokenizer, heldout, p.ppl_seq_len, p.ppl_blocks)
     start = measure(start_model, tokenizer, [], known, ppl_blocks, p.batch_size)

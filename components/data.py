@@ -2,10 +2,12 @@
 
     python -m slotwise.components.data --params params.yaml --out runs/data
     slotwise data --out runs/data data.n_facts=50 data.sources=[local]
+    slotwise data --params profiles/testbed.yaml --out runs/testbed/data     # synthetic people (slotwise.testbed)
 
 Writes (atomically) to --out:
     facts.jsonl                 one fact per line: statement, paraphrases, probe, answers, known
-    background/train.jsonl      documents for healing / training
+    retention.jsonl             (data.facts_from: testbed) the old population's probes: id, probe, answers
+    background/train.jsonl      documents for healing / training (testbed: + the old population's bios)
     background/stats.jsonl      held-out documents for slot statistics (document frequencies)
     background/heldout.jsonl    held-out documents for perplexity
     tasks/<task>.jsonl          evaluation sets, normalised (see slotwise.sources)
@@ -25,6 +27,7 @@ from slotwise.components._cli import component_parser, run_cli
 from slotwise.config import DataParams, load_params, to_yaml
 from slotwise.facts import Fact, fact_stream, mark_known_with
 from slotwise.sources import DataError, NotAvailable, load
+from slotwise.testbed import build_testbed
 
 log = logging.getLogger("slotwise.data")
 
@@ -73,25 +76,40 @@ def build(p: DataParams, out_dir: Path) -> dict:
     if "local" in p.sources and not Path(p.local_dir).is_dir():
         log.warning("data.local_dir %s does not exist; the local source will have nothing", p.local_dir)
 
-    qa, source = _required(p.facts_from, p)
-    order = list(range(len(qa)))
-    random.Random(p.seed).shuffle(order)
-    if len(order) < p.n_facts:
-        raise DataError(f"{p.facts_from} has {len(order)} QA pairs; data.n_facts asks for {p.n_facts}")
-    # The first n_facts (shuffled) become the fact stream; the evaluation set of the same dataset
-    # takes the rest, so no fact is ever an evaluation question.
-    fact_ids, rest = order[: p.n_facts], order[p.n_facts:]
-    facts = fact_stream([qa[i] for i in fact_ids], p.facts_from, p.n_paraphrases, p.seed)
-    if p.mark_known:
-        mark_known(facts, p.mark_known_model, p.mark_known_batch_size)
+    testbed, rest = None, []
+    if p.facts_from == "testbed":
+        # Synthetic people: the new population is the fact stream, the old one's bios join the
+        # background (pretraining text) and its held-out-template probes are the retention set.
+        testbed = build_testbed(p.testbed, p.seed, p.n_paraphrases)
+        facts = testbed.facts
+        n = write_jsonl(out_dir / "retention.jsonl", testbed.retention)
+        manifest["datasets"]["retention"] = {"source": "testbed", "count": n, "people": len(testbed.old)}
+    else:
+        qa, source = _required(p.facts_from, p)
+        order = list(range(len(qa)))
+        random.Random(p.seed).shuffle(order)
+        if len(order) < p.n_facts:
+            raise DataError(f"{p.facts_from} has {len(order)} QA pairs; data.n_facts asks for {p.n_facts}")
+        # The first n_facts (shuffled) become the fact stream; the evaluation set of the same dataset
+        # takes the rest, so no fact is ever an evaluation question.
+        fact_ids, rest = order[: p.n_facts], order[p.n_facts:]
+        facts = fact_stream([qa[i] for i in fact_ids], p.facts_from, p.n_paraphrases, p.seed)
+        if p.mark_known:
+            mark_known(facts, p.mark_known_model, p.mark_known_batch_size)
     n = write_jsonl(out_dir / "facts.jsonl", (dataclasses.asdict(f) for f in facts))
-    manifest["datasets"]["facts"] = {"source": source, "from": p.facts_from, "count": n,
-                                     "known": sum(bool(f.known) for f in facts) if p.mark_known else None}
+    manifest["datasets"]["facts"] = {"source": "testbed" if testbed else source, "from": p.facts_from, "count": n,
+                                     "known": sum(bool(f.known) for f in facts) if p.mark_known or testbed else None}
 
     docs, source = _required(p.background, p)
     for split, part in split_background(docs, p).items():
-        n = write_jsonl(out_dir / "background" / f"{split}.jsonl", ({"text": d["text"]} for d in part))
-        manifest["datasets"][f"background/{split}"] = {"source": source, "from": p.background, "count": n}
+        part = [{"text": d["text"]} for d in part]
+        bios = {"train": testbed.train_bios, "stats": testbed.stats_bios}.get(split, []) if testbed else []
+        if bios:  # held-out perplexity stays real text only
+            part += [{"text": b, "testbed": True} for b in bios]
+            random.Random(f"{p.seed}-{split}").shuffle(part)
+        n = write_jsonl(out_dir / "background" / f"{split}.jsonl", part)
+        manifest["datasets"][f"background/{split}"] = {"source": source, "from": p.background, "count": n,
+                                                       **({"testbed_bios": len(bios)} if testbed else {})}
 
     for task in p.tasks:
         try:

@@ -5,13 +5,14 @@
 
 --model is a slotwise checkpoint directory (retrofitted or not) or any base model source
 (embedded:..., a local HF directory, a .gguf file, a hub id). --data is the data stage's output:
-tasks/<task>.jsonl for each task in evaluate.tasks, background/heldout.jsonl, facts.jsonl.
+tasks/<task>.jsonl for each task in evaluate.tasks, background/heldout.jsonl, facts.jsonl, and
+retention.jsonl when the data stage wrote one (the testbed's old population: metrics "retention").
 
 Writes, atomically, into --out:
     metrics.json            {task: {metric: value}, "perplexity": {...}, "facts": {...}} for `dvc metrics`
     plots/scores.{csv,json} one row per (task, metric) score in [0, 1], for `dvc plots`
     plots/scores.png        bar chart of those scores
-    facts_predictions.jsonl each probe's greedy answer with its EM / F1
+    facts_predictions.jsonl each probe's greedy answer with its EM / F1 (retention probes: "set": "retention")
     summary.json            model source, device, timings
     params.resolved.yaml
 """
@@ -44,6 +45,7 @@ from slotwise.sources import read_jsonl
 log = logging.getLogger("slotwise.evaluate")
 HELDOUT = Path("background") / "heldout.jsonl"
 FACTS = Path("facts.jsonl")
+RETENTION = Path("retention.jsonl")
 
 
 def required_files(p: EvaluateParams, data_dir: Path) -> list[Path]:
@@ -118,6 +120,10 @@ def evaluate(model, tokenizer, p: EvaluateParams, data_dir: str | Path) -> tuple
     if p.facts.enabled:
         facts = [row for _, row in itertools.islice(read_jsonl(data_dir / FACTS, ("probe", "answers")), p.facts.limit)]
         metrics["facts"], fact_rows = fact_acquisition(model, tokenizer, facts, p.facts.max_new_tokens, p.batch_size, progress="facts")
+        if (data_dir / RETENTION).is_file():  # the testbed's old population (what pretraining taught)
+            old = read_jsonl(data_dir / RETENTION, p.facts.limit)
+            metrics["retention"], rows = fact_acquisition(model, tokenizer, old, p.facts.max_new_tokens, p.batch_size, progress="retention")
+            fact_rows += [{**r, "set": "retention"} for r in rows]
     return metrics, fact_rows
 
 

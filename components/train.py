@@ -8,7 +8,11 @@ heal      memory parameters train on the background corpus (base frozen), early-
           held-out text; the summary reports perplexity with memory on and off, slot coverage,
           effective slots and median document frequency on held-out batches
 sft       prompt/answer pairs (train.sft_data, e.g. GSM8K train) with the loss on the answers
-pretrain  a fresh Llama-style model (train.pretrain), --model gives only the tokenizer
+pretrain  a fresh Llama-style model (train.pretrain: memory beside or instead of one layer's FFN, or
+          the iso-FLOP dense twin), --model gives only the tokenizer (or train.pretrain.tokenizer_vocab:
+          a byte-level BPE fitted to background/train.jsonl); e.g. the testbed:
+          slotwise train --params profiles/testbed.yaml --model embedded:smollm2-135m-instruct \\
+              --data runs/testbed/data --out runs/testbed/train
 
 Killed at any point and rerun with the same --state, it resumes and ends with the same weights.
 """
@@ -39,21 +43,34 @@ from slotwise.training import train
 log = logging.getLogger("slotwise.train")
 
 
-
-
 def memory_flops_per_token(d: int, m: MemoryConfig) -> int:
     """Multiply-adds per token of one memory layer (query, sub-key scores, candidates, values, gate, out)."""
     v = m.v_dim or d
     return d * m.heads * m.k_dim + m.heads * m.n_keys * m.k_dim + m.heads * m.knn**2 + m.heads * m.knn * v + (d * v if m.memory_plus else 0) + v * d
 
 
+def iso_flop_intermediate(pp, mem: MemoryConfig) -> int:
+    """FFN width of the dense twin: every layer's FFN, widened so the model costs what the memory model costs.
+
+    Per token, an FFN of width I costs 3*d*I multiply-adds (gate, up, down) and a memory layer M
+    (memory_flops_per_token). With L layers, n of them with memory:
+        additive (FFN + memory in n layers):  3*d*I*L + n*M           = 3*d*I'*L  ->  I' = I + n*M / (3*d*L)
+        replace  (memory instead of n FFNs):  3*d*I*(L - n) + n*M     = 3*d*I'*L  ->  I' = I + n*(M - 3*d*I) / (3*d*L)
+    """
+    d, n, L = pp.hidden_size, len(pp.memory_layers), pp.num_layers
+    m = memory_flops_per_token(d, mem)
+    extra = n * m if pp.memory_mode == "additive" else n * (m - 3 * d * pp.intermediate_size)
+    return pp.intermediate_size + round(extra / (3 * d * L))
+
+
 def pretrain_model(params: Params, vocab_size: int, bos: int, eos: int):
-    """A fresh model: memory variant, or dense with the FFN widened to the same FLOPs per token."""
+    """A fresh model: memory variant (train.pretrain.memory_mode: beside or instead of the FFN of
+    train.pretrain.memory_layers), or dense with every FFN widened to the same FLOPs per token."""
     pp, mem = params.train.pretrain, params.retrofit.insert.memory
-    intermediate = pp.intermediate_size
-    if pp.variant == "dense":
-        extra = len(pp.memory_layers) * memory_flops_per_token(pp.hidden_size, mem)
-        intermediate += round(extra / (3 * pp.hidden_size * pp.num_layers))
+    intermediate = iso_flop_intermediate(pp, mem) if pp.variant == "dense" else pp.intermediate_size
+    if intermediate < 1:
+        raise ConfigError(f"train.pretrain: the iso-FLOP dense twin's FFN width comes out at {intermediate}; "
+                          "raise intermediate_size or shrink the memory")
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=pp.hidden_size, intermediate_size=intermediate,
                          num_hidden_layers=pp.num_layers, num_attention_heads=pp.num_heads,
                          num_key_value_heads=pp.num_kv_heads, max_position_embeddings=max(2048, params.train.seq_len),
@@ -62,21 +79,29 @@ def pretrain_model(params: Params, vocab_size: int, bos: int, eos: int):
     model = AutoModelForCausalLM.from_config(config)
     cfg = None
     if pp.variant == "memory":
-        cfg = RetrofitConfig(layers=list(pp.memory_layers), mode="additive", alpha=1.0,
+        cfg = RetrofitConfig(layers=list(pp.memory_layers), mode=pp.memory_mode, alpha=1.0,
                              memory=MemoryConfig(**{**vars(mem), "out_init_std": pp.memory_out_init_std}))
         retrofit(model, cfg)
     return model, cfg, intermediate
 
 
-def load_for_training(params: Params, model_dir: str):
+def load_for_training(params: Params, model_dir: str, data_dir: Path | None = None):
     """-> (model, tokenizer, retrofit config or None)."""
     if params.train.mode == "pretrain":
         from transformers import AutoTokenizer
 
         from slotwise.models import resolve_source
 
-        path, kw = (model_dir, {}) if Path(model_dir, "tokenizer_config.json").is_file() else resolve_source(model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        if params.train.pretrain.tokenizer_vocab is not None:  # fitted to the pretraining text (slotwise.tokenizer)
+            from slotwise.tokenizer import train_bpe
+
+            if data_dir is None:
+                raise ConfigError("train.pretrain.tokenizer_vocab needs the data stage's output (--data)")
+            tokenizer = train_bpe(read_texts(data_dir / "background/train.jsonl", params.train.max_docs),
+                                  params.train.pretrain.tokenizer_vocab)
+        else:
+            path, kw = (model_dir, {}) if Path(model_dir, "tokenizer_config.json").is_file() else resolve_source(model_dir)
+            tokenizer = AutoTokenizer.from_pretrained(path, **kw)
         model, cfg, _ = pretrain_model(params, len(tokenizer), tokenizer.bos_token_id or 0, tokenizer.eos_token_id)
         return model, tokenizer, cfg
     model, tokenizer = load_checkpoint(model_dir)
@@ -128,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(t.device, "train.device")
     data = Path(args.data)
 
-    model, tokenizer, cfg = load_for_training(params, args.model)
+    model, tokenizer, cfg = load_for_training(params, args.model, data)
     model.to(device)
     heldout = pack_blocks(read_texts(data / "background/heldout.jsonl"), tokenizer, t.seq_len)
     eval_blocks = fixed_batches(heldout, t.batch_size, t.eval_batches)

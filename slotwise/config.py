@@ -25,10 +25,11 @@ from slotwise.continual.updaters import method_schema
 from slotwise.errors import ConfigError
 from slotwise.evaluation.params import EvaluateParams
 from slotwise.models import DEFAULT_MODEL
-from slotwise.retrofit import RetrofitConfig
+from slotwise.retrofit import RetrofitConfig, RetrofitMode
 from slotwise.schema import Choice, Device, Dtype, Task, at_least, between, check, omegaconf_error, positive
 from slotwise.slot_stats import DocUnit
 from slotwise.sources import Source
+from slotwise.testbed import TestbedParams, check_params as check_testbed_params
 from slotwise.training import LoopParams
 
 
@@ -57,6 +58,7 @@ class SlotStatsParams:
 class FactSource(Choice):
     triviaqa = "triviaqa"
     nq_open = "nq_open"
+    testbed = "testbed"  # synthetic people (slotwise.testbed)
 
 
 class BackgroundCorpus(Choice):
@@ -81,6 +83,15 @@ class DataParams:
     heldout_docs: int = 300  # held-out documents for perplexity
     tasks: list[Task] = field(default_factory=lambda: list(Task))
     task_limit: int = 500  # examples kept per evaluation task
+    testbed: TestbedParams = field(default_factory=TestbedParams)  # used when facts_from is testbed
+
+    def __post_init__(self):
+        if self.facts_from == FactSource.testbed:  # the testbed's own limits (its templates, its name space)
+            try:
+                check_testbed_params(self.testbed, self.n_paraphrases)
+            except ValueError as exc:
+                key = "n_paraphrases" if str(exc).startswith("n_paraphrases") else "testbed"
+                raise ValueError(f"key 'data.{key}': {exc}") from None
 
 
 class PretrainVariant(Choice):
@@ -98,7 +109,9 @@ class PretrainParams:
     num_kv_heads: int = 2
     intermediate_size: int = 768
     memory_layers: list[int] = field(default_factory=lambda: [3])
+    memory_mode: RetrofitMode = RetrofitMode.additive  # additive: FFN + memory | replace: the memory instead of the layer's FFN
     memory_out_init_std: float = 0.02
+    tokenizer_vocab: int | None = at_least(300, None, "at least 300")  # None: the tokenizer of --model; N: a byte-level BPE of N tokens fitted to the training text
 
 
 class TrainMode(Choice):

@@ -214,3 +214,29 @@ def test_unknown_method_param_is_a_config_error(setup, tmp_path):
         load_params(params, ["continual.methods=[{name: x, method: smf, params: {topt: 3}}]"])
     with pytest.raises(ConfigError, match=r"continual.methods\[x\].sweep.lrr': not a full param"):  # a swept key too
         load_params(params, ["continual.methods=[{name: x, method: full, sweep: {lrr: [0.1]}}]"])
+
+
+def test_a_retention_file_replaces_the_triviaqa_screen(setup, tmp_path):
+    """data/retention.jsonl (the testbed's old population) is the known-fact probe when present."""
+    import shutil
+
+    from slotwise.generation import greedy_answers
+
+    root, params = setup
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    model, tok = load_checkpoint(root / "model")
+    probes = ["Zora Ruskocke was born in the city of", "The company Ivo Thalwick works for is", "Nobody answers this"]
+    said = greedy_answers(model, tok, probes[:1])[0]
+    assert said  # the tiny model says something; that becomes the "right" answer of the first item
+    _jsonl(data / "retention.jsonl", [{"id": "a", "probe": probes[0], "answers": [said]},
+                                      {"id": "b", "probe": probes[1], "answers": ["certainly not this"]},
+                                      {"id": "c", "probe": probes[2], "answers": ["nor this"]}])
+    one = params.read_text()
+    one = one[: one.index("  methods:")] + "  known_screen: 2\n  methods:\n    - {name: full_ft, method: full, params: {lr: 0.0001}}\n"
+    (tmp_path / "p.yaml").write_text(one.replace("  known_screen: 1\n", ""))
+    out = tmp_path / "out"
+    assert continual_component.main(["--params", str(tmp_path / "p.yaml"), "--model", str(root / "model"), "--data", str(data),
+                                      "--stats", str(root / "stats"), "--out", str(out)]) == 0
+    start = json.loads((out / "curves.json").read_text())["start"]
+    assert start["known_screened"] == 2 and start["known_found"] == 1 and start["known_em"] == 1.0

@@ -144,11 +144,12 @@ def test_sft_mode_trains_on_gsm8k(tmp_path, retrofit_dir, data_dir):
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["mode"] == "sft"
 
 
-@pytest.mark.parametrize("variant", ["memory", "dense"])
-def test_pretrain_memory_vs_iso_flop_dense(tmp_path, data_dir, variant):
+@pytest.mark.parametrize("variant,mode", [("memory", "additive"), ("dense", "additive"), ("memory", "replace"), ("dense", "replace")])
+def test_pretrain_memory_vs_iso_flop_dense(tmp_path, data_dir, variant, mode):
     from slotwise.config import load_params
 
-    extra = f"  mode: pretrain\n  pretrain: {{variant: {variant}, hidden_size: 32, num_layers: 2, num_heads: 4, num_kv_heads: 2, intermediate_size: 64, memory_layers: [1]}}\n"
+    extra = (f"  mode: pretrain\n  pretrain: {{variant: {variant}, memory_mode: {mode}, hidden_size: 32, num_layers: 2, num_heads: 4, "
+             "num_kv_heads: 2, intermediate_size: 64, memory_layers: [1]}\n")
     extra += "retrofit:\n  insert:\n    memory: {n_keys: 8, heads: 2, knn: 4, k_dim: 16}\n"
     params = _params(tmp_path, 3, extra)
     assert train_component.main(_args(params, "embedded:smollm2-135m-instruct", data_dir, tmp_path / "out")) == 0
@@ -156,11 +157,22 @@ def test_pretrain_memory_vs_iso_flop_dense(tmp_path, data_dir, variant):
     p = load_params(params)
     mem_flops = train_component.memory_flops_per_token(32, p.retrofit.insert.memory)
     # worked out: query 32*2*16 + sub-keys 2*8*16 + candidates 2*16 + values 2*4*32 + gate 32*32 + out 32*32
-    assert mem_flops == 1024 + 256 + 32 + 256 + 1024 + 1024
+    assert mem_flops == 1024 + 256 + 32 + 256 + 1024 + 1024  # = 3616
+    ffn = 3 * 32 * 64  # one FFN of width 64: 6144 multiply-adds per token
     if variant == "dense":
-        assert model.config.intermediate_size == 64 + round(mem_flops / (3 * 32 * 2))
+        # the dense twin's two FFNs cost what the memory model's layers cost:
+        #   additive: 2 FFNs + the memory = 2*6144 + 3616 = 15904 -> width 15904 / (3*32*2) = 82.8 -> 83
+        #   replace:  1 FFN + the memory  =   6144 + 3616 =  9760 -> width  9760 / 192         = 50.8 -> 51
+        assert model.config.intermediate_size == {"additive": 83, "replace": 51}[mode]
+        assert 3 * 32 * 2 * model.config.intermediate_size == pytest.approx({"additive": 2 * ffn, "replace": ffn}[mode] + mem_flops, abs=96)
+        assert train_component.iso_flop_intermediate(p.train.pretrain, p.retrofit.insert.memory) == model.config.intermediate_size
     else:
-        assert model.config.intermediate_size == 64 and len(model.model.layers[1].mlp.memory.keys) == 2
+        wrapped = model.model.layers[1].mlp
+        assert model.config.intermediate_size == 64 and len(wrapped.memory.keys) == 2 and wrapped.mode == mode
+        assert (wrapped.mlp is None) == (mode == "replace")
+        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+        off = summary["memory"]["heldout_ppl_memory_off"]
+        assert (off is None) == (mode == "replace")  # a replaced FFN has no "memory off"
 
 
 def test_heal_distils_the_replaced_ffn_into_the_memory(tmp_path, data_dir, smol_tokenizer):

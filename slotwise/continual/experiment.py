@@ -4,7 +4,8 @@ Each step of the stream is one fact, trained as a batch of its paraphrases (Lin 
 optimizer steps, with the loss on the answer tokens. Every `eval_every` facts the model is probed:
 
     acquisition   EM / F1 on the probes of the facts seen so far (that it did not know before)
-    retention     answers to held-out questions the starting model got right (known facts),
+    retention     answers to held-out questions the starting model got right (known facts: the
+                  data stage's retention.jsonl probes if it wrote them, else held-out TriviaQA),
                   and held-out perplexity; at the end also lm-eval tasks (HellaSwag, ARC, PIQA, ...)
 """
 from __future__ import annotations
@@ -64,7 +65,8 @@ class ContinualParams:
     eval_every: int = positive(10)  # facts between measurements
     include_statement: bool = True
     max_len: int = 96  # tokens per paraphrase
-    known_screen: int = 150  # held-out TriviaQA questions screened for facts the model already knows
+    known_screen: int = 150  # retention items screened for facts the model already knows: data/retention.jsonl
+                             # when the data stage wrote one (testbed), else held-out TriviaQA questions
     ppl_blocks: int = 4
     ppl_seq_len: int = 128
     final_tasks: list[Task] = field(default_factory=lambda: [Task.hellaswag, Task.arc_easy, Task.piqa])
@@ -126,6 +128,11 @@ def qa_score(model, tokenizer, items: list[dict], batch_size: int) -> dict:
 def screen_known(model, tokenizer, qa: list[dict], batch_size: int) -> list[dict]:
     """The held-out questions the starting model answers exactly right: the known-fact retention probe."""
     items = [{"probe": PROBE.format(q=r["question"].strip()), "answers": r["answers"]} for r in qa]
+    return screen_answered(model, tokenizer, items, batch_size)
+
+
+def screen_answered(model, tokenizer, items: list[dict], batch_size: int) -> list[dict]:
+    """The items ({"probe", "answers"}) the model answers exactly right (greedy)."""
     preds = greedy_answers(model, tokenizer, [it["probe"] for it in items], batch_size=batch_size, progress="screen known facts")
     return [it for it, p in zip(items, preds) if exact_match(p, it["answers"])]
 
