@@ -72,6 +72,42 @@ def layer_loss(res, grad_out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return (res.out * grad_out).sum() / LAYER_ROWS * scale + res.balance
 
 
+# --- bytes on the wire --------------------------------------------------------------------------
+
+TRAFFIC = dict(tokens=1024, heads=4, knn=8, dim=V_DIM, n_keys=16)
+
+
+def wchar() -> int:
+    """Bytes this process has written so far (files, pipes and sockets: gloo's TCP sends)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("wchar"))
+
+
+def measure_traffic(d, shape: dict) -> list[dict[str, int]]:
+    """Bytes each rank sends in one forward and one backward of a sharded memory layer reading
+    shape["tokens"] tokens per rank (the balancing loss off: its all-gather is kilobytes)."""
+    import torch.distributed as dist
+
+    from slotwise.sharded_memory import ShardedValuePool
+
+    torch.manual_seed(0)
+    cfg = MemoryConfig(n_keys=shape["n_keys"], heads=shape["heads"], knn=shape["knn"], k_dim=16, v_dim=shape["dim"],
+                       out_init_std=0.05, balance="none")
+    mem = ProductKeyMemory(24, 24, cfg).train()
+    mem.values = ShardedValuePool.from_pool(mem.values)
+    x = torch.randn(shape["tokens"], 24)
+    dist.barrier()
+    t0 = wchar()
+    out = mem(x).out
+    t1 = wchar()
+    out.sum().backward()
+    t2 = wchar()
+    mine = {"forward": t1 - t0, "backward": t2 - t1}
+    every = [None] * d.world
+    dist.all_gather_object(every, mine)
+    return every
+
+
 # --- heal: two steps of the train loop --------------------------------------------------------
 
 HEAL_LOOP = LoopParams(max_steps=2, eval_every=1, early_stop_patience=None, save_every=1, seed=0,
@@ -142,7 +178,7 @@ def _gather_full(local: torch.Tensor, dim: int) -> torch.Tensor | None:
     return gather_rows(ShardedValuePool(local.detach(), dim), torch.arange(local.shape[0]))
 
 
-SCENARIOS = ("layer", "heal", "smf", "stats", "ckpt")
+SCENARIOS = ("layer", "traffic", "heal", "smf", "stats", "ckpt")
 
 
 def _worker(out: Path, which: tuple[str, ...] = SCENARIOS) -> None:
@@ -177,7 +213,8 @@ def _worker(out: Path, which: tuple[str, ...] = SCENARIOS) -> None:
         save(f"layer_{case}", {"out": torch.cat(outs), "balance": res.balance.detach(), "grads": grads,
                                "sparse": vg.is_sparse})
 
-    # heal: two steps of the real train loop (DDP + sharded pools), then the full weights on rank 0
+    if "traffic" in which:
+        save("traffic", measure_traffic(d, TRAFFIC))
     if "heal" in which:
         _heal(out, d, save)
     if "smf" in which:
