@@ -48,6 +48,7 @@ def _args(root, out, *extra):
             "--out", str(out), *extra]
 
 
+@pytest.mark.slow
 def test_train_with_nproc_2_matches_one_process(stage_inputs, tmp_path):
     assert train_component.main(_args(stage_inputs, tmp_path / "one")) == 0
     proc = subprocess.run([sys.executable, "-m", "slotwise.components.train",
