@@ -42,7 +42,7 @@ def rank_mean_loss(logits: torch.Tensor, labels: torch.Tensor, d: Dist) -> tuple
     shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # (B_r * (S-1), V)
     shift_labels = labels[:, 1:].reshape(-1)
     total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-    local = torch.tensor([float(total.detach()), float((shift_labels != -100).sum())], dtype=torch.float64)
+    local = torch.stack([total.detach().double(), (shift_labels != -100).sum().double()])  # on the logits' device (NCCL)
     dist.all_reduce(local, group=d.group)
     global_sum, count = local.tolist()
     return total * d.world / max(count, 1.0), global_sum / max(count, 1.0)
