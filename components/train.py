@@ -3,6 +3,8 @@
     python -m slotwise.components.train --params params.yaml --model runs/retrofit --data runs/data \\
         --out runs/train --state runs/train_state
     slotwise train --model runs/retrofit --data runs/data --out runs/train train.loop.max_steps=200
+    slotwise train --nproc 2 --model runs/retrofit --data runs/data --out runs/train     # 2 ranks
+    torchrun --standalone --nproc-per-node 8 -m slotwise.components.train --model ... --out ...
 
 heal      memory parameters train on the background corpus (base frozen), early-stopped on
           held-out text; the summary reports perplexity with memory on and off, slot coverage,
@@ -15,6 +17,9 @@ pretrain  a fresh Llama-style model (train.pretrain: memory beside or instead of
               --data runs/testbed/data --out runs/testbed/train
 
 Killed at any point and rerun with the same --state, it resumes and ends with the same weights.
+With --nproc N (or under torchrun) each rank trains on its rows of every batch, the value pools
+split by column over the ranks (slotwise.distributed.training); rank 0 writes the usual checkpoint,
+and --sharded-out also writes a DCP checkpoint that loads at any world size (dist_checkpoint).
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -32,6 +39,9 @@ from slotwise.checkpoint import load_checkpoint, model_hash, read_retrofit_confi
 from slotwise.components._cli import component_parser, run_cli
 from slotwise.config import ConfigError, Params, load_params, to_yaml
 from slotwise.diagnostics import memory_report
+from slotwise.distributed.checkpoint import save_sharded
+from slotwise.distributed import in_torchrun, init_from_env, relaunch, shutdown, strip_nproc
+from slotwise.distributed.training import gather_for_save, prepare
 from slotwise.evaluation.perplexity import perplexity
 from slotwise.memory import MemoryConfig
 from slotwise.retrofit import RetrofitConfig, decoder_layers, memory_layers, retrofit
@@ -146,11 +156,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="runs/data", help="data stage output")
     parser.add_argument("--out", default="runs/train", help="output checkpoint directory")
     parser.add_argument("--state", default=None, help="resumable state directory (default: <out>_state)")
+    parser.add_argument("--nproc", type=int, default=1, help="processes on this host; > 1 reruns the stage under torchrun")
+    parser.add_argument("--sharded-out", default=None, help="also write a DCP checkpoint here (loads at any world size)")
     args = parser.parse_args(argv)
     params = load_params(args.params, args.overrides)
     t = params.train
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc: expected a whole number >= 1, got {args.nproc}")
+    world = int(os.environ.get("WORLD_SIZE", args.nproc)) if in_torchrun() else args.nproc
+    if t.batch_size % world:  # each rank's mean loss must weigh as many tokens as the others'
+        raise ConfigError(f"key 'train.batch_size': {t.batch_size} rows do not split evenly over {world} ranks "
+                          f"(use a multiple of {world})")
+    if args.nproc > 1 and not in_torchrun():  # params are valid (checked above): start the ranks
+        return relaunch("slotwise.components.train", strip_nproc(sys.argv[1:] if argv is None else argv)[1], args.nproc)
     state = Path(args.state or f"{args.out}_state")
-    device = resolve_device(t.device, "train.device")
+    d = init_from_env(t.device)
+    device = d.device if d is not None else resolve_device(t.device, "train.device")
     data = Path(args.data)
 
     model, tokenizer, cfg = load_for_training(params, args.model, data)
@@ -176,9 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [data / "background/heldout.jsonl", Path(t.sft_data) if t.mode == "sft" else data / "background/train.jsonl"]
     fingerprint = hashlib.sha256(json.dumps({"train": to_yaml(t), "model": model_hash(args.model) if t.mode != "pretrain" else None,
                                              "data": [sha256_file(f) for f in inputs]}, sort_keys=True).encode()).hexdigest()
-    record = train(model, batch_at, eval_batches, loop, state, device=device, fingerprint=fingerprint,
-                   teachers=ffn_teachers(params, cfg, device))
-    summary = {"mode": t.mode, "device": str(device), "initial_eval_ppl": base_ppl, **{k: v for k, v in record.items() if k != "history"}}
+    teachers = ffn_teachers(params, cfg, device)
+    if d is None:
+        record = train(model, batch_at, eval_batches, loop, state, device=device, fingerprint=fingerprint, teachers=teachers)
+    else:
+        record = train(prepare(model, d, loop.trainable), batch_at, eval_batches, loop, state, device=device,
+                       fingerprint=fingerprint, dist=d, teachers=teachers)
+        if args.sharded_out:
+            save_sharded(model, args.sharded_out, tokenizer, cfg, extra={"trained_from": args.model, "train_mode": t.mode})
+        if not gather_for_save(model, d):  # rank 0 has the full value pools and writes the checkpoint
+            d.barrier()
+            shutdown()
+            return 0
+    summary_dist = {"world_size": d.world} if d is not None else {}
+    summary = {"mode": t.mode, "device": str(device), **summary_dist, "initial_eval_ppl": base_ppl,
+               **{k: v for k, v in record.items() if k != "history"}}
     if memory_layers(model):
         stats_blocks = pack_blocks(read_texts(data / "background/stats.jsonl"), tokenizer, t.seq_len)
         summary["memory"] = memory_report(model, [b.to(device) for b in eval_blocks],
@@ -189,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "history.json": json.dumps(record["history"], indent=1),
                                  "params.resolved.yaml": to_yaml(params)})
     log.info("wrote %s", args.out)
+    if d is not None:
+        d.barrier()
+        shutdown()
     return 0
 
 

@@ -3,6 +3,7 @@
     python -m slotwise.flows.pipeline --params params.yaml --runs runs
     python -m slotwise.flows.pipeline --runs runs --publish-to s3://bucket/slotwise/runs   # also publish each output
     python -m slotwise.flows.pipeline --stages slot_stats continual evaluate                 # the rest already in runs/
+    python -m slotwise.flows.pipeline --stages train --nproc 8          # train on 8 local GPUs (torchrun)
 
     data -> retrofit -> train -> slot_stats -> continual -> evaluate
 
@@ -29,12 +30,13 @@ from slotwise.flows.tasks import retry_unless_user_error, run_component
 STAGES = ("data", "retrofit", "train", "slot_stats", "continual", "evaluate")
 
 
-def stage_args(name: str, params: str, runs: Path) -> list[str]:
-    """The command line of each stage, as in dvc.yaml."""
+def stage_args(name: str, params: str, runs: Path, nproc: int = 1) -> list[str]:
+    """The command line of each stage, as in dvc.yaml; nproc > 1 runs train on that many local ranks."""
     r = {s: str(runs / s) for s in STAGES}
     args = ["--params", params]
     if name == "train":
         args += ["--model", r["retrofit"], "--data", r["data"], "--state", str(runs / "train_state")]
+        args += ["--nproc", str(nproc)] if nproc > 1 else []
     elif name in ("slot_stats", "evaluate"):
         args += ["--model", r["train"], "--data", r["data"]]
     elif name == "continual":
@@ -56,7 +58,7 @@ def publish(path: str, uri: str) -> str:
 
 @flow(name="slotwise-pipeline", log_prints=True)
 def pipeline(params: str = "params.yaml", runs: str = "runs", stages: list[str] | None = None,
-             publish_to: str | None = None) -> dict[str, str]:
+             publish_to: str | None = None, nproc: int = 1) -> dict[str, str]:
     """Run the stages (all by default, always in DAG order); returns {stage: output path}."""
     wanted = list(stages or STAGES)
     unknown = [s for s in wanted if s not in STAGES]
@@ -66,7 +68,7 @@ def pipeline(params: str = "params.yaml", runs: str = "runs", stages: list[str] 
     for name in STAGES:
         if name not in wanted:
             continue
-        outs[name] = stage(name, stage_args(name, params, Path(runs)))
+        outs[name] = stage(name, stage_args(name, params, Path(runs), nproc))
         if publish_to:
             publish(outs[name], f"{publish_to.rstrip('/')}/{name}")
     return outs
@@ -78,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs", help="local folder of stage outputs (as in dvc.yaml)")
     parser.add_argument("--stages", nargs="*", default=None, choices=STAGES)
     parser.add_argument("--publish-to", default=None, help="also publish each output to <uri>/<stage> (s3:// or a folder)")
+    parser.add_argument("--nproc", type=int, default=1, help="train on this many local ranks (torchrun; GPUs when present)")
     a = parser.parse_args(argv)
-    print(json.dumps(pipeline(params=a.params, runs=a.runs, stages=a.stages, publish_to=a.publish_to)))
+    print(json.dumps(pipeline(params=a.params, runs=a.runs, stages=a.stages, publish_to=a.publish_to, nproc=a.nproc)))
     return 0
 
 

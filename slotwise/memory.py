@@ -70,6 +70,16 @@ class ValuePool(nn.Module):
     def n_slots(self) -> int:
         return self.weight.shape[0]
 
+    def bag(self, ids: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = False) -> torch.Tensor:
+        """ids, weights (T, H, knn) -> (T, v_dim): the weighted sum of the rows each token reads.
+        (slotwise.distributed.memory.ShardedValuePool does the same with its columns spread over ranks.)"""
+        return kernels.weighted_bag(self.weight, ids, weights.to(self.weight.dtype), sparse_grad=sparse_grad)
+
+    def token_mean(self, mean: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """A mean over this step's n_tokens tokens -> the mean over every token of the step (here the
+        same; a sharded pool averages over the tokens of all ranks, so losses on it match one process)."""
+        return mean
+
 
 class ProductKeyMemory(nn.Module):
     def __init__(self, d_in: int, d_out: int, cfg: MemoryConfig, values: ValuePool | None = None):
@@ -117,7 +127,7 @@ class ProductKeyMemory(nn.Module):
             return None
         T, H, K = q.shape
         scores = torch.einsum("thsd,hsnd->thsn", q.view(T, H, 2, K // 2).float(), self.keys.float())  # (T, H, 2, n_keys)
-        p_mean = scores.softmax(dim=-1).mean(dim=0)  # (H, 2, n_keys)
+        p_mean = self.values.token_mean(scores.softmax(dim=-1).mean(dim=0), T)  # (H, 2, n_keys)
         n = p_mean.shape[-1]
         if self.cfg.balance == "soft":
             return (p_mean * (p_mean * n).clamp_min(1e-12).log()).sum(-1).mean()
@@ -125,7 +135,7 @@ class ProductKeyMemory(nn.Module):
             picks = scores.topk(self.cfg.knn, dim=-1).indices  # (T, H, 2, knn)
             f = torch.zeros_like(p_mean).scatter_add_(-1, picks.permute(1, 2, 0, 3).reshape(H, 2, -1),
                                                       torch.ones(H, 2, T * self.cfg.knn, device=q.device))
-            f /= T * self.cfg.knn  # (H, 2, n_keys), sums to 1
+            f = self.values.token_mean(f / (T * self.cfg.knn), T)  # (H, 2, n_keys), sums to 1
         return n * (f * p_mean).sum(-1).mean()
 
     def forward(self, x: torch.Tensor) -> MemoryOutput:
@@ -135,8 +145,7 @@ class ProductKeyMemory(nn.Module):
         scores, ids = kernels.pk_topk(q, self.keys, self.cfg.knn)  # (T, H, knn) each
         weights = F.softmax(scores, dim=-1)
         balance = self.balance_loss(q) if self.training else None
-        y = kernels.weighted_bag(self.values.weight, ids, weights.to(self.values.weight.dtype),
-                                 sparse_grad=self.cfg.sparse_grad)  # (T, v_dim)
+        y = self.values.bag(ids, weights, sparse_grad=self.cfg.sparse_grad)  # (T, v_dim)
         y = y.to(x.dtype)
         if self.gate is not None:
             y = y * F.silu(self.gate(flat))

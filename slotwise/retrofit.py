@@ -59,6 +59,8 @@ class MemoryMLP(nn.Module):
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks of a causal LM (model.model.layers for Llama/Qwen2/Gemma3)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):  # a data-parallel run's wrapper
+        model = model.module
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList):

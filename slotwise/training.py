@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from slotwise.atomic import staged_dir
+from slotwise.distributed import Dist
 from slotwise.optim import OptimParams, build_optimizers, build_schedulers, trainable_groups
 from slotwise.retrofit import record_lookups
 from slotwise.schema import Choice
@@ -105,12 +106,14 @@ def ffn_distillation(model, teachers: dict[int, torch.nn.Module] | None):
 
 
 @torch.no_grad()
-def eval_loss(model, batches: list[Batch]) -> float:
-    """Mean next-token loss per token over fixed held-out batches."""
+def eval_loss(model, batches: list[Batch], dist: Dist | None = None) -> float:
+    """Mean next-token loss per token over fixed held-out batches (with dist: each rank runs its rows
+    of every batch and the sums are added over ranks)."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     for b in batches:
+        b = dist.shard_batch(b) if dist is not None else b
         logits = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits[:, :-1]
         labels = b["labels"][:, 1:]
         mask = labels != -100
@@ -118,6 +121,8 @@ def eval_loss(model, batches: list[Batch]) -> float:
         total += (nll * mask.reshape(-1)).sum().item()
         n += int(mask.sum())
     model.train(was_training)
+    if dist is not None:
+        total, n = dist.sum([total, n])
     return total / max(n, 1)
 
 
@@ -144,21 +149,30 @@ def _set_rng_state(s: dict) -> None:
 
 def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p: LoopParams, state_dir: str | Path,
           device: torch.device | str = "cpu", progress: bool = True, fingerprint: str | None = None,
-          teachers: dict[int, torch.nn.Module] | None = None) -> dict:
+          dist: Dist | None = None, teachers: dict[int, torch.nn.Module] | None = None) -> dict:
     """Train in place for p.max_steps (resuming from state_dir if it holds a state); return the record.
 
     On return the model holds the best weights seen on eval_batches (early stopping), and the record
     has the history, the best step and the time per step. fingerprint: what the run is (params,
     starting model, data); a state written under another fingerprint is discarded, not resumed.
     teachers: {decoder layer: frozen FFN} for p.distil_weight (see ffn_distillation).
+
+    dist (slotwise.distributed, a run under torchrun): `model` is wrapped for data parallelism
+    (slotwise.distributed.training.prepare) and batch_at / eval_batches still give the global
+    batches; each rank trains on its rows, and keeps its own resumable state in
+    state_dir/rank<r>-of-<W> (a restart resumes at the same world size).
     """
     if p.distil_weight and not teachers:
         raise ValueError("train.loop.distil_weight > 0 needs teacher FFNs (memory layers in mode: replace)")
     state_dir = Path(state_dir)
+    if dist is not None:
+        state_dir = state_dir / f"rank{dist.rank}-of-{dist.world}"
+        progress = progress and dist.is_main
     groups = trainable_groups(model, p.trainable)
     names = [n for n, q in model.named_parameters() if q.requires_grad]
     dense = [q for q in groups["memory"] + groups["base"]]
-    if not any(m.cfg.sparse_grad for m in _memories(model)):
+    sparse_values = any(m.cfg.sparse_grad for m in _memories(model))
+    if not sparse_values and dist is None:
         dense += groups["values"]
     opts = build_optimizers(model, groups, p.optim)
     scheds = build_schedulers(opts, p.max_steps, p.optim)
@@ -192,7 +206,7 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
                         "rng": _rng_state(), "record": record, "fingerprint": fingerprint}, tmp / "trainer.pt")
 
     if record["step"] == 0 and not record["history"]:
-        record["best_eval_loss"] = eval_loss(model, eval_batches)
+        record["best_eval_loss"] = eval_loss(model, eval_batches, dist)
         record["history"].append({"step": 0, "eval_loss": record["best_eval_loss"]})
         best_state = _trainable_state(model, names)
     model.train()
@@ -200,12 +214,17 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
     t_start, steps_here = time.perf_counter(), 0
     while record["step"] < p.max_steps:
         step = record["step"]
-        batch = {k: v.to(device) for k, v in batch_at(step).items()}
+        batch = batch_at(step) if dist is None else dist.shard_batch(batch_at(step))
+        batch = {k: v.to(device) for k, v in batch.items()}
         loss, stats = lm_loss(model, batch, p.balance_weight, teachers, p.distil_weight)
+        if dist is not None:  # the record holds the global batch's loss: the mean of the ranks' means
+            stats["lm_loss"] = dist.sum([stats["lm_loss"]])[0] / dist.world
         for o in opts.values():
             o.zero_grad(set_to_none=True)
         loss.backward()
-        if p.optim.grad_clip and dense:
+        if p.optim.grad_clip and dist is not None:  # the sharded pools' columns count once
+            stats["grad_norm"] = dist.clip_grad_norm_(dense, [] if sparse_values else groups["values"], p.optim.grad_clip)
+        elif p.optim.grad_clip and dense:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(dense, p.optim.grad_clip))
         for k in opts:
             opts[k].step()
@@ -214,8 +233,10 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
         steps_here += 1
         entry = {"step": step + 1, **stats}
         out_of_time = p.max_minutes is not None and time.perf_counter() - t_start > 60 * p.max_minutes
+        if dist is not None and p.max_minutes is not None:  # every rank stops at the same step
+            out_of_time = dist.sum([float(out_of_time)])[0] > 0
         if (step + 1) % p.eval_every == 0 or step + 1 == p.max_steps or out_of_time:  # the last steps count too
-            ev = eval_loss(model, eval_batches)
+            ev = eval_loss(model, eval_batches, dist)
             entry["eval_loss"] = ev
             if ev < record["best_eval_loss"]:
                 record.update(best_eval_loss=ev, best_step=step + 1, evals_without_improvement=0)

@@ -220,7 +220,7 @@ def test_prefect_yaml_deployments_point_at_the_flows():
     names = {d["name"]: d for d in spec["deployments"]}
     assert names["nightly"]["schedules"][0]["cron"] and names["nightly"]["concurrency_limit"] == 1
     for d in spec["deployments"]:
-        assert d["work_pool"]["name"] == "slotwise-process"
+        assert d["work_pool"]["name"] in ("slotwise-process", "slotwise-gpu")
         f = load_flow_from_entrypoint(str(repo / d["entrypoint"]))
         assert set(d["parameters"]) <= set(f.parameters.properties), d["name"]
 

@@ -161,6 +161,24 @@ class SparseMemoryFinetuner:
             chosen[pool.name] = select_slots(scores, c, cfg.top_t, allowed)
         return chosen
 
+    @torch.no_grad()
+    def update(self, chosen: dict[str, torch.Tensor]) -> None:
+        """The optimizer step on the chosen rows of every pool, from the pool's .grad (then cleared).
+        Column by column: on a column-sharded pool it updates this rank's columns of the same rows."""
+        cfg = self.cfg
+        for pool in self.pools:
+            rows, w = chosen[pool.name], pool.weight
+            if rows.numel() == 0 or w.grad is None:
+                continue
+            g = rows_of_grad(w.grad, rows)  # (R, D)
+            if cfg.optimizer == "sgd":
+                kernels.sparse_sgd_(w.data, rows, g, cfg.lr)
+            else:
+                s = self.state[pool.name]
+                kernels.sparse_adam_(w.data, s["exp_avg"], s["exp_avg_sq"], s["step"], rows, g, cfg.lr,
+                                     cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
+            w.grad = None
+
     def step(self, batch: dict) -> dict:
         cfg = self.cfg
         for pool in self.pools:
@@ -170,19 +188,7 @@ class SparseMemoryFinetuner:
         mask = count_mask(batch, cfg.count_on)
         chosen = self.select(self.pool_counts(lookups, mask))
         out.loss.backward()
-        with torch.no_grad():
-            for pool in self.pools:
-                rows, w = chosen[pool.name], pool.weight
-                if rows.numel() == 0 or w.grad is None:
-                    continue
-                g = rows_of_grad(w.grad, rows)  # (R, D)
-                if cfg.optimizer == "sgd":
-                    kernels.sparse_sgd_(w.data, rows, g, cfg.lr)
-                else:
-                    s = self.state[pool.name]
-                    kernels.sparse_adam_(w.data, s["exp_avg"], s["exp_avg_sq"], s["step"], rows, g, cfg.lr,
-                                         cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
-                w.grad = None
+        self.update(chosen)
         self.n_steps += 1
         by_layer = {pool.layers[0]: chosen[pool.name] for pool in self.pools}
         return {
