@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from slotwise.atomic import sha256_file
 from slotwise.checkpoint import load_checkpoint, model_hash, read_retrofit_config, save_checkpoint
 from slotwise.components._cli import component_parser, resolve_device, run_cli
+from slotwise.components._live import LIVE_DIR, live_logger, train_entry_logger
 from slotwise.config import ConfigError, Params, load_params, to_yaml
 from slotwise.diagnostics import memory_report, perplexity
 from slotwise.memory import MemoryConfig
@@ -96,12 +98,22 @@ def sft_pairs(path: str, limit: int | None) -> list[tuple[str, str]]:
     return pairs
 
 
+def headline_metrics(summary: dict) -> dict:
+    """Held-out perplexity before training, after it (memory on), and after it with the memory off: the
+    stage's few numbers for `dvc metrics show` (the rest stays in summary.json)."""
+    out = {"before": summary["initial_eval_ppl"], "memory_on": summary["best_eval_ppl"]}
+    if "memory" in summary:
+        out["memory_off"] = summary["memory"]["heldout_ppl_memory_off"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = component_parser("slotwise train", __doc__.splitlines()[0])
     parser.add_argument("--model", default="runs/retrofit", help="checkpoint to train (pretrain: tokenizer source)")
     parser.add_argument("--data", default="runs/data", help="data stage output")
     parser.add_argument("--out", default="runs/train", help="output checkpoint directory")
     parser.add_argument("--state", default=None, help="resumable state directory (default: <out>_state)")
+    parser.add_argument("--live", action="store_true", help="log the loss curves with dvclive into <out>/live (dvc.yaml does)")
     args = parser.parse_args(argv)
     params = load_params(args.params, args.overrides)
     t = params.train
@@ -132,17 +144,24 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [data / "background/heldout.jsonl", Path(t.sft_data) if t.mode == "sft" else data / "background/train.jsonl"]
     fingerprint = hashlib.sha256(json.dumps({"train": to_yaml(t), "model": model_hash(args.model) if t.mode != "pretrain" else None,
                                              "data": [sha256_file(f) for f in inputs]}, sort_keys=True).encode()).hexdigest()
-    record = train(model, batch_at, eval_batches, loop, state, device=device, fingerprint=fingerprint)
-    summary = {"mode": t.mode, "device": str(device), "initial_eval_ppl": base_ppl, **{k: v for k, v in record.items() if k != "history"}}
-    if memory_layers(model):
-        stats_blocks = pack_blocks(read_texts(data / "background/stats.jsonl"), tokenizer, t.seq_len)
-        summary["memory"] = memory_report(model, [b.to(device) for b in eval_blocks],
-                                          [b for b in fixed_batches(stats_blocks, t.batch_size, t.report_batches)])
-    log.info("%s", json.dumps({k: v for k, v in summary.items() if k not in ("memory",)}, indent=None)[:400])
-    save_checkpoint(model.cpu(), tokenizer, args.out, cfg, extra={"trained_from": args.model, "train_mode": t.mode},
-                    extra_files={"summary.json": json.dumps(summary, indent=2),
-                                 "history.json": json.dumps(record["history"], indent=1),
-                                 "params.resolved.yaml": to_yaml(params)})
+    with tempfile.TemporaryDirectory(prefix="slotwise-train-live-") as live_tmp:
+        live_dir = Path(live_tmp) / LIVE_DIR if args.live else None
+        with live_logger(live_dir) as live:
+            record = train(model, batch_at, eval_batches, loop, state, device=device, fingerprint=fingerprint,
+                           on_entry=train_entry_logger(live))
+        # Environment-dependent facts (device, seconds per step) go to the log, not into the checkpoint.
+        summary = {"mode": t.mode, "initial_eval_ppl": base_ppl, **{k: v for k, v in record.items() if k != "history"}}
+        if memory_layers(model):
+            stats_blocks = pack_blocks(read_texts(data / "background/stats.jsonl"), tokenizer, t.seq_len)
+            summary["memory"] = memory_report(model, [b.to(device) for b in eval_blocks],
+                                              [b for b in fixed_batches(stats_blocks, t.batch_size, t.report_batches)])
+        log.info("device %s; %s", device, json.dumps({k: v for k, v in summary.items() if k not in ("memory",)}, indent=None)[:400])
+        save_checkpoint(model.cpu(), tokenizer, args.out, cfg, extra={"trained_from": args.model, "train_mode": t.mode},
+                        extra_files={"summary.json": json.dumps(summary, indent=2),
+                                     "metrics.json": json.dumps({"heldout_ppl": headline_metrics(summary)}, indent=2),
+                                     "history.json": json.dumps(record["history"], indent=1),
+                                     "params.resolved.yaml": to_yaml(params)},
+                        extra_dirs={LIVE_DIR: live_dir} if live_dir is not None else None)
     log.info("wrote %s", args.out)
     return 0
 
