@@ -23,12 +23,14 @@
 # BASE: any image with python3 >= 3.11 (PYTHONSAFEPATH below keeps /app's sources, there for DVC,
 # from shadowing the installed package), or a Debian/Ubuntu image on which the first RUN installs
 # python3-venv. TORCH_INDEX: the extra pip index torch==2.13.0 comes from (empty: PyPI and
-# PIP_FIND_LINKS only). PIP_FIND_LINKS: a folder of local wheels mounted at build time.
+# PIP_FIND_LINKS only). PIP_FIND_LINKS: a folder of local wheels mounted at build time. PIP_CERT: a
+# CA bundle mounted at build time, for a network whose TLS proxy pip must trust (build only).
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG PIP_FIND_LINKS=
+ARG PIP_CERT=
 ARG EXTRAS="eval,continual,pipeline"
 ENV SLOTWISE_VENV=/opt/slotwise \
     PATH=/opt/slotwise/bin:$PATH \

@@ -11,6 +11,12 @@ sft       prompt/answer pairs (train.sft_data, e.g. GSM8K train) with the loss o
 pretrain  a fresh Llama-style model (train.pretrain), --model gives only the tokenizer
 
 Killed at any point and rerun with the same --state, it resumes and ends with the same weights.
+
+Writes --out: a checkpoint (see slotwise.checkpoint) with summary.json (held-out perplexity memory
+on / off, slot usage on held-out batches, the early-stopping record), metrics.json (held-out
+perplexity before, with and without the memory: for `dvc metrics show`), history.json (every
+step's losses), params.resolved.yaml and, with --live, live/ (the losses in dvclive's layout).
+Device and seconds per step go to the log: the checkpoint's bytes do not depend on the machine.
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@
 # 1. Base: unless BASE_IMAGE is set, a minimal Debian bookworm made by debootstrap from the Debian
 #    mirror and imported once as localhost/slotwise-base:bookworm (reused by later builds).
 # 2. buildah bud --isolation chroot --layers -t $IMAGE. torch==2.13.0 comes from local wheels when pip
-#    is configured with a find-links folder holding it (mounted at /wheels), else from TORCH_INDEX.
+#    is configured with a find-links folder holding it (mounted at /wheels), else from TORCH_INDEX;
+#    a CA bundle pip is configured with (cert) is mounted for the build too.
 # 3. In the image, with buildah run: `slotwise retrofit` (the embedded SmolLM2 default),
 #    `dvc repro retrofit` (the DVC project in /app) and `slotwise report`; then the image size.
 set -euo pipefail
@@ -47,6 +48,11 @@ wheels=${wheels%% *}
 if [ -n "$wheels" ] && ls "$wheels"/torch-2.13.0*.whl >/dev/null 2>&1; then
   say "torch from the local wheels in $wheels (mounted at /wheels)"
   args+=(-v "$wheels:/wheels:ro" --build-arg PIP_FIND_LINKS=/wheels --build-arg TORCH_INDEX=)
+fi
+cert=${PIP_CERT:-$(python3 -m pip config get global.cert 2>/dev/null || true)}
+if [ -n "$cert" ] && [ -f "$cert" ]; then
+  say "pip trusts the CA bundle $cert (mounted at /build-ca.crt)"
+  args+=(-v "$cert:/build-ca.crt:ro" --build-arg PIP_CERT=/build-ca.crt)
 fi
 say "buildah bud -t $IMAGE (base $base)"
 buildah bud --isolation chroot --layers -t "$IMAGE" "${args[@]}" -f Dockerfile .
