@@ -14,7 +14,7 @@ slotwise.continual.frontier). Writes, atomically, into --out:
     summary.json        the start point and every final number per run (steps per fact, F1, tasks, ...)
     frontier.json       each method's retention interpolated at acquisition levels every method reached
     plots/curves.png, plots/frontier.png
-    live/               (--live) the curves in dvclive's layout: <metric>/<run> against facts seen
+    live/               (--live) the curves in dvclive's layout: <run>/<metric> against facts seen
     deltas/<run>/       an SMF update as a sparse delta: row ids + rows
     params.resolved.yaml
 

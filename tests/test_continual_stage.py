@@ -151,7 +151,7 @@ def test_a_killed_run_resumes_at_the_first_unfinished_method(setup, tmp_path, mo
     (tmp_path / "p.yaml").write_text(two)
     out = tmp_path / "out"
     args = ["--params", str(tmp_path / "p.yaml"), "--model", str(root / "model"), "--data", str(root / "data"),
-            "--stats", str(root / "stats"), "--out", str(out)]
+            "--stats", str(root / "stats"), "--out", str(out), "--live"]
     calls = []
     real = continual_component.run_method
 
@@ -169,6 +169,12 @@ def test_a_killed_run_resumes_at_the_first_unfinished_method(setup, tmp_path, mo
     assert calls == ["smf_tfidf", "full_ft", "full_ft"]  # smf_tfidf was not run again
     curves = json.loads((out / "curves.json").read_text())["methods"]
     assert set(curves) == {"smf_tfidf", "full_ft"} and (out / "deltas" / "smf_tfidf" / "delta.json").is_file()
+    # dvclive's curves (--live) hold the reused method's points too, replayed from its kept result
+    for run in ("smf_tfidf", "full_ft"):
+        rows = (out / "live" / "plots" / "metrics" / run / "heldout_ppl.tsv").read_text().splitlines()
+        assert rows[0] == "step\theldout_ppl"
+        assert [(int(r.split("\t")[0]), float(r.split("\t")[1])) for r in rows[1:]] == \
+            [(pt["facts_seen"], pt["heldout_ppl"]) for pt in curves[run]["curve"]]
     # a changed method is not reused
     (tmp_path / "p.yaml").write_text(two.replace("lr: 0.01}", "lr: 0.02}"))
     calls.clear()
