@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow test-s3 test-gpu bench-gpu test-all repro clean
+.PHONY: setup test test-slow test-s3 test-gpu bench-gpu test-all repro image clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -37,6 +37,10 @@ test-all: setup
 repro: setup
 	$(VENV)/bin/dvc repro
 	@$(PY) -m slotwise.components.report
+
+# The container image without a Docker daemon (root, buildah, debootstrap), with a stage run inside it.
+image:
+	bash scripts/build_image.sh
 
 clean:
 	rm -rf runs .pytest_cache

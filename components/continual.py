@@ -7,11 +7,20 @@
 Every method starts from the same model and sees the same facts in the same order. A method
 with a `sweep` (e.g. `sweep: {lr: [1e-5, 3e-5]}`) runs once per value; its runs are the points of
 its learning-vs-forgetting frontier, and methods are compared at matched acquisition (see
-slotwise.continual.frontier). Writes curves.json (acquisition and retention over the stream),
-metrics.json (final numbers per run, for `dvc metrics`), frontier.json (each method's retention
-interpolated at acquisition levels every method reached), plots/curves.png, plots/frontier.png,
-deltas/<run>/ (an SMF update as a sparse delta: row ids + rows) and params.resolved.yaml. Each method's result is kept in .<out>.parts/ as soon as it finishes, so a
-killed run restarts at the first unfinished method (same params, model and facts).
+slotwise.continual.frontier). Writes, atomically, into --out:
+
+    curves.json         acquisition and retention over the stream, per run
+    metrics.json        per run: facts learned, known_drop, heldout_ppl_rise (for `dvc metrics show`)
+    summary.json        the start point and every final number per run (steps per fact, F1, tasks, ...)
+    frontier.json       each method's retention interpolated at acquisition levels every method reached
+    plots/curves.png, plots/frontier.png
+    live/               (--live) the curves in dvclive's layout: <run>/<metric> against facts seen
+    deltas/<run>/       an SMF update as a sparse delta: row ids + rows
+    params.resolved.yaml
+
+Each method's result is kept in .<out>.parts/ as soon as it finishes, so a killed run restarts at
+the first unfinished method (same params, model and facts). No wall times in the outputs (the log
+has them): they are cached by DVC and must be the same bytes on every run.
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ import torch
 from slotwise.atomic import staged_dir
 from slotwise.checkpoint import load_checkpoint, model_hash
 from slotwise.components._cli import component_parser, run_cli
+from slotwise.components._live import LIVE_DIR, curve_point_logger, live_logger
 from slotwise.config import ConfigError, load_params, to_yaml
 from slotwise.continual.delta import delta_nbytes, extract_delta, save_delta
 from slotwise.continual.experiment import ContinualParams, MethodRun, measure, relative_drop, run_stream, screen_answered, screen_known
@@ -43,7 +53,8 @@ from slotwise.sources import read_jsonl
 log = logging.getLogger("slotwise.continual")
 
 
-def run_method(run: MethodRun, args, p: ContinualParams, facts, known, ppl_blocks, backgrounds, device) -> tuple[dict, object]:
+def run_method(run: MethodRun, args, p: ContinualParams, facts, known, ppl_blocks, backgrounds, device,
+               on_point=None) -> tuple[dict, object]:
     model, tokenizer = load_checkpoint(args.model)
     base = None
     if run.method == "smf":
@@ -57,7 +68,8 @@ def run_method(run: MethodRun, args, p: ContinualParams, facts, known, ppl_block
     except ValueError as exc:
         raise ConfigError(f"continual.methods[{run.name}]: {exc}") from None
     rows_per_fact: list[int] = []
-    curve = run_stream(updater, lambda: updater.model, tokenizer, facts, known, ppl_blocks, p, device, run.name, rows_per_fact, run)
+    curve = run_stream(updater, lambda: updater.model, tokenizer, facts, known, ppl_blocks, p, device, run.name, rows_per_fact, run,
+                       on_point=on_point)
     result = {"method": run.method, "group": run.group or run.name, "params": dataclasses.asdict(run.params), "curve": curve}
     delta = None
     if base is not None:
@@ -91,6 +103,15 @@ def final_tasks(model, tokenizer, data_dir: Path, p: ContinualParams, device) ->
                          batch_size=p.batch_size // 2 or 1, seed=p.seed)
 
 
+HEADLINE = ("learned", "known_drop", "heldout_ppl_rise")
+
+
+def headline_metrics(summary: dict) -> dict:
+    """Per run: facts learned, the relative drop of known facts answered and the relative rise of
+    held-out perplexity: what `dvc metrics show` lists (summary.json has the rest)."""
+    return {name: {k: s[k] for k in HEADLINE} for name, s in summary.items()}
+
+
 def summarize(results: dict, start: dict) -> dict:
     """Per method: final acquisition and the relative drop of every retention probe."""
     out = {}
@@ -116,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="runs/data")
     parser.add_argument("--stats", default="runs/slot_stats", help="slot_stats output (needed by tfidf / kl)")
     parser.add_argument("--out", default="runs/continual")
+    parser.add_argument("--live", action="store_true", help="log the curves with dvclive into <out>/live (dvc.yaml does)")
     args = parser.parse_args(argv)
     params = load_params(args.params, args.overrides)
     p: ContinualParams = params.continual
@@ -154,20 +176,22 @@ def main(argv: list[str] | None = None) -> int:
     parts = Path(args.out).with_name(f".{Path(args.out).name}.parts")
     common = {"continual": {k: v for k, v in dataclasses.asdict(p).items() if k != "methods"},
               "model": model_hash(args.model), "facts": [f["id"] for f in facts]}
-    with staged_dir(args.out) as tmp:
+    with staged_dir(args.out) as tmp, live_logger(tmp / LIVE_DIR if args.live else None) as live:
         results = {}
         for run in runs:
+            on_point = curve_point_logger(live, run.name)
             key = hashlib.sha256(json.dumps({**common, "run": dataclasses.asdict(run)}, sort_keys=True, default=str).encode()).hexdigest()
             done = parts / run.name
             kept = json.loads((done / "result.json").read_text()) if (done / "result.json").is_file() else {}
+            t0 = time.perf_counter()
             if kept.get("key") == key:
                 result = kept["result"]
                 log.info("%s: finished in an earlier run (%s), reused", run.name, done)
+                for point in result["curve"] if on_point else []:
+                    on_point(point)
             else:
-                t0 = time.perf_counter()
-                result, (model, tok, delta) = run_method(run, args, p, facts, known, ppl_blocks, backgrounds, device)
+                result, (model, tok, delta) = run_method(run, args, p, facts, known, ppl_blocks, backgrounds, device, on_point)
                 result["final_tasks"] = final_tasks(model, tok, data, p, device)
-                result["seconds"] = time.perf_counter() - t0
                 del model
                 with staged_dir(done) as part:
                     if delta is not None and p.save_deltas:
@@ -178,12 +202,14 @@ def main(argv: list[str] | None = None) -> int:
             results[run.name] = result
             log.info("%s: learned %d/%d, known kept %d/%d, held-out ppl %.2f (%.0f s)", run.name,
                      result["curve"][-1]["learned"], len(facts), result["curve"][-1]["known_kept"], len(known),
-                     result["curve"][-1]["heldout_ppl"], result["seconds"])
+                     result["curve"][-1]["heldout_ppl"], time.perf_counter() - t0)  # wall time: in the log only
         summary = summarize(results, start)
         groups = {name: s["group"] for name, s in summary.items()}
         frontier = matched(summary, groups, common_levels(summary, groups))
         (tmp / "curves.json").write_text(json.dumps({"start": start, "methods": results}, indent=1))
-        (tmp / "metrics.json").write_text(json.dumps({"start": {k: v for k, v in start.items() if k != "final_tasks"}, **summary}, indent=2))
+        (tmp / "metrics.json").write_text(json.dumps(headline_metrics(summary), indent=2))
+        (tmp / "summary.json").write_text(json.dumps({"start": {k: v for k, v in start.items() if k != "final_tasks"},
+                                                      "runs": summary}, indent=2))
         (tmp / "frontier.json").write_text(json.dumps(frontier, indent=2))
         from slotwise.continual.plots import plot_curves, plot_frontier
 

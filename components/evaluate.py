@@ -9,11 +9,13 @@ tasks/<task>.jsonl for each task in evaluate.tasks, background/heldout.jsonl, fa
 retention.jsonl when the data stage wrote one (the testbed's old population: metrics "retention").
 
 Writes, atomically, into --out:
-    metrics.json            {task: {metric: value}, "perplexity": {...}, "facts": {...}} for `dvc metrics`
+    metrics.json            the headline numbers, for `dvc metrics show`: one score per task, held-out
+                            perplexity with memory on / off, fact EM
+    results.json            everything measured: {task: {metric: value}, "perplexity": {...}, "facts": {...}}
     plots/scores.{csv,json} one row per (task, metric) score in [0, 1], for `dvc plots`
     plots/scores.png        bar chart of those scores
     facts_predictions.jsonl each probe's greedy answer with its EM / F1 (retention probes: "set": "retention")
-    summary.json            model source, device, timings
+    summary.json            model source and hash, memory mode, dtype (device and timings: in the log)
     params.resolved.yaml
 """
 from __future__ import annotations
@@ -128,12 +130,32 @@ def evaluate(model, tokenizer, p: EvaluateParams, data_dir: str | Path) -> tuple
 
 
 def _finite(obj):
-    """NaN / inf -> null, so metrics.json stays valid JSON."""
+    """NaN / inf -> null, so results.json stays valid JSON."""
     if isinstance(obj, dict):
         return {k: _finite(v) for k, v in obj.items()}
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+HEADLINE_ORDER = ("acc_norm", "acc", "exact_match", "nll_per_char")  # a task's headline: its first present metric
+
+
+def headline_metrics(results: dict) -> dict:
+    """results.json -> the few numbers `dvc metrics show` lists: {task: {metric: value}} with one
+    metric per task, heldout_ppl {memory_on, memory_off}, facts {exact_match}."""
+    out: dict = {}
+    for task, values in results.items():
+        if task in ("perplexity", "facts") or not isinstance(values, dict):
+            continue
+        metric = next((m for m in HEADLINE_ORDER if values.get(m) is not None), None)
+        if metric is not None:
+            out[task] = {metric: values[metric]}
+    if "perplexity" in results:
+        out["heldout_ppl"] = {"memory_on": results["perplexity"]["heldout"], "memory_off": results["perplexity"]["heldout_memory_off"]}
+    if "facts" in results:
+        out["facts"] = {"exact_match": results["facts"]["exact_match"]}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,11 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     metrics, fact_rows = evaluate(model, tokenizer, p, data_dir)
     metrics = _finite(metrics)
     summary = {"model": args.model, "model_sha256": digest, "memory_mode": memory_mode(model), "data": str(data_dir),
-               "device": str(device), "dtype": p.dtype, "load_seconds": round(t_load, 2),
-               "eval_seconds": round(time.perf_counter() - t0 - t_load, 2)}
+               "dtype": p.dtype}
+    log.info("device %s: model loaded in %.1f s, evaluated in %.1f s", device, t_load, time.perf_counter() - t0 - t_load)
 
     with staged_dir(args.out) as tmp:
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(headline_metrics(metrics), indent=2) + "\n")
+        (tmp / "results.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (tmp / "facts_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fact_rows))
         write_scores(score_rows(metrics), tmp / "plots")

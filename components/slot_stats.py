@@ -12,7 +12,8 @@ Writes, atomically, into --out:
     table.safetensors       per value pool (and per layer of a shared pool): counts, df, |B|, model
                             and data hashes (see slotwise.slot_table)
     summary.json            per table: coverage, effective slots, read df (access-weighted df / |B|),
-                            median df fraction, slots per document, top slots; timings
+                            median df fraction, slots per document, top slots (no timings: the log has them)
+    metrics.json            per table: coverage, effective slots, read df (for `dvc metrics show`)
     plots/usage.csv         rank-frequency points (log-spaced ranks) per table, for `dvc plots`
     plots/df_hist.csv       slots per document-frequency bin per table
     plots/rank_frequency.png, plots/df_hist.png
@@ -72,6 +73,15 @@ def table_summary(table: SlotTable, top: int) -> dict:
         layers = table.pool_layers[name] if kind == "pool" else [int(name.removeprefix("layer"))]
         out[name] = {"kind": kind, "layers": layers, **summarize(table[name], top=top)}
     return out
+
+
+HEADLINE = ("coverage", "effective_slots", "read_df_fraction")
+
+
+def headline_metrics(tables: dict) -> dict:
+    """Per table: coverage, effective slots and read df, the three numbers `dvc metrics show` lists
+    (summary.json has the rest)."""
+    return {name: {k: s[k] for k in HEADLINE} for name, s in tables.items()}
 
 
 # ---------------------------------------------------------------- plots
@@ -172,18 +182,19 @@ def main(argv: list[str] | None = None) -> int:
     table = run_slot_stats(model, batches, meta, p.doc_unit)
     seconds = time.perf_counter() - t0
     n_tokens = sum(b.numel() for b in batches)
-    summary = {**meta, "device": str(device), "n_batches": len(batches), "n_tokens": n_tokens,
-               "seconds": round(seconds, 2), "tokens_per_second": round(n_tokens / max(seconds, 1e-9), 1),
-               "tables": table_summary(table, p.top)}
+    # Device and timings go to the log: summary.json is a cached output, the same bytes on every run.
+    summary = {**meta, "n_batches": len(batches), "n_tokens": n_tokens, "tables": table_summary(table, p.top)}
     with staged_dir(args.out) as tmp:
         save_table(table, tmp / TABLE_FILE)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        (tmp / "metrics.json").write_text(json.dumps(headline_metrics(summary["tables"]), indent=2))
         write_plots(table, tmp / "plots")
         (tmp / "params.resolved.yaml").write_text(to_yaml(params))
     for name, s in summary["tables"].items():
         log.info("%-8s coverage %.3f  effective slots %.3f  read df %.3f  median df %.3f  slots/document %.3f", name,
                  s["coverage"], s["effective_slots"], s["read_df_fraction"], s["median_df_fraction"], s["slots_per_batch_fraction"])
-    log.info("wrote %s (%d batches, %d tokens, %.1f s)", args.out, len(batches), n_tokens, seconds)
+    log.info("wrote %s (%d batches, %d tokens, %.1f s on %s, %.0f tokens/s)", args.out, len(batches), n_tokens, seconds,
+             device, n_tokens / max(seconds, 1e-9))
     return 0
 
 

@@ -20,6 +20,12 @@ Killed at any point and rerun with the same --state, it resumes and ends with th
 With --nproc N (or under torchrun) each rank trains on its rows of every batch, the value pools
 split by column over the ranks (slotwise.distributed.training); rank 0 writes the usual checkpoint,
 and --sharded-out also writes a DCP checkpoint that loads at any world size (dist_checkpoint).
+
+Writes --out: a checkpoint (see slotwise.checkpoint) with summary.json (held-out perplexity memory
+on / off, slot usage on held-out batches, the early-stopping record), metrics.json (held-out
+perplexity before, with and without the memory: for `dvc metrics show`), history.json (every
+step's losses), params.resolved.yaml and, with --live, live/ (the losses in dvclive's layout).
+Device and seconds per step go to the log: the checkpoint's bytes do not depend on the machine.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -37,6 +44,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from slotwise.atomic import sha256_file
 from slotwise.checkpoint import load_checkpoint, model_hash, read_retrofit_config, save_checkpoint
 from slotwise.components._cli import component_parser, run_cli
+from slotwise.components._live import LIVE_DIR, live_logger, train_entry_logger
 from slotwise.config import ConfigError, Params, load_params, to_yaml
 from slotwise.diagnostics import memory_report
 from slotwise.distributed.checkpoint import save_sharded
@@ -150,6 +158,15 @@ def sft_pairs(path: str, limit: int | None) -> list[tuple[str, str]]:
     return pairs
 
 
+def headline_metrics(summary: dict) -> dict:
+    """Held-out perplexity before training, after it (memory on), and after it with the memory off: the
+    stage's few numbers for `dvc metrics show` (the rest stays in summary.json)."""
+    out = {"before": summary["initial_eval_ppl"], "memory_on": summary["best_eval_ppl"]}
+    if "memory" in summary:
+        out["memory_off"] = summary["memory"]["heldout_ppl_memory_off"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = component_parser("slotwise train", __doc__.splitlines()[0])
     parser.add_argument("--model", default="runs/retrofit", help="checkpoint to train (pretrain: tokenizer source)")
@@ -158,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", default=None, help="resumable state directory (default: <out>_state)")
     parser.add_argument("--nproc", type=int, default=1, help="processes on this host; > 1 reruns the stage under torchrun")
     parser.add_argument("--sharded-out", default=None, help="also write a DCP checkpoint here (loads at any world size)")
+    parser.add_argument("--live", action="store_true", help="log the loss curves with dvclive into <out>/live (dvc.yaml does)")
     args = parser.parse_args(argv)
     params = load_params(args.params, args.overrides)
     t = params.train
@@ -198,29 +216,36 @@ def main(argv: list[str] | None = None) -> int:
     fingerprint = hashlib.sha256(json.dumps({"train": to_yaml(t), "model": model_hash(args.model) if t.mode != "pretrain" else None,
                                              "data": [sha256_file(f) for f in inputs]}, sort_keys=True).encode()).hexdigest()
     teachers = ffn_teachers(params, cfg, device)
-    if d is None:
-        record = train(model, batch_at, eval_batches, loop, state, device=device, fingerprint=fingerprint, teachers=teachers)
-    else:
-        record = train(prepare(model, d, loop.trainable), batch_at, eval_batches, loop, state, device=device,
-                       fingerprint=fingerprint, dist=d, teachers=teachers)
-        if args.sharded_out:
-            save_sharded(model, args.sharded_out, tokenizer, cfg, extra={"trained_from": args.model, "train_mode": t.mode})
-        if not gather_for_save(model, d):  # rank 0 has the full value pools and writes the checkpoint
-            d.barrier()
-            shutdown()
-            return 0
-    summary_dist = {"world_size": d.world} if d is not None else {}
-    summary = {"mode": t.mode, "device": str(device), **summary_dist, "initial_eval_ppl": base_ppl,
-               **{k: v for k, v in record.items() if k != "history"}}
-    if memory_layers(model):
-        stats_blocks = pack_blocks(read_texts(data / "background/stats.jsonl"), tokenizer, t.seq_len)
-        summary["memory"] = memory_report(model, [b.to(device) for b in eval_blocks],
-                                          [b for b in fixed_batches(stats_blocks, t.batch_size, t.report_batches)])
-    log.info("%s", json.dumps({k: v for k, v in summary.items() if k not in ("memory",)}, indent=None)[:400])
-    save_checkpoint(model.cpu(), tokenizer, args.out, cfg, extra={"trained_from": args.model, "train_mode": t.mode},
-                    extra_files={"summary.json": json.dumps(summary, indent=2),
-                                 "history.json": json.dumps(record["history"], indent=1),
-                                 "params.resolved.yaml": to_yaml(params)})
+    with tempfile.TemporaryDirectory(prefix="slotwise-train-live-") as live_tmp:
+        live_dir = Path(live_tmp) / LIVE_DIR if args.live and (d is None or d.is_main) else None
+        with live_logger(live_dir) as live:
+            if d is None:
+                record = train(model, batch_at, eval_batches, loop, state, device=device, fingerprint=fingerprint,
+                               teachers=teachers, on_entry=train_entry_logger(live))
+            else:
+                record = train(prepare(model, d, loop.trainable), batch_at, eval_batches, loop, state, device=device,
+                               fingerprint=fingerprint, dist=d, teachers=teachers, on_entry=train_entry_logger(live))
+        if d is not None:
+            if args.sharded_out:
+                save_sharded(model, args.sharded_out, tokenizer, cfg, extra={"trained_from": args.model, "train_mode": t.mode})
+            if not gather_for_save(model, d):  # rank 0 has the full value pools and writes the checkpoint
+                d.barrier()
+                shutdown()
+                return 0
+        # Environment-dependent facts (device, seconds per step) go to the log, not into the checkpoint.
+        summary = {"mode": t.mode, **({"world_size": d.world} if d is not None else {}), "initial_eval_ppl": base_ppl,
+                   **{k: v for k, v in record.items() if k != "history"}}
+        if memory_layers(model):
+            stats_blocks = pack_blocks(read_texts(data / "background/stats.jsonl"), tokenizer, t.seq_len)
+            summary["memory"] = memory_report(model, [b.to(device) for b in eval_blocks],
+                                              [b for b in fixed_batches(stats_blocks, t.batch_size, t.report_batches)])
+        log.info("device %s; %s", device, json.dumps({k: v for k, v in summary.items() if k not in ("memory",)}, indent=None)[:400])
+        save_checkpoint(model.cpu(), tokenizer, args.out, cfg, extra={"trained_from": args.model, "train_mode": t.mode},
+                        extra_files={"summary.json": json.dumps(summary, indent=2),
+                                     "metrics.json": json.dumps({"heldout_ppl": headline_metrics(summary)}, indent=2),
+                                     "history.json": json.dumps(record["history"], indent=1),
+                                     "params.resolved.yaml": to_yaml(params)},
+                        extra_dirs={LIVE_DIR: live_dir} if live_dir is not None else None)
     log.info("wrote %s", args.out)
     if d is not None:
         d.barrier()

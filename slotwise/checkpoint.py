@@ -12,6 +12,7 @@ never sees half of one and a killed save leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -28,11 +29,18 @@ RETROFIT_FILE = "slotwise.json"
 MANIFEST = "manifest.json"
 
 
+# How a tokenizer was loaded, not what it is: transformers writes these into tokenizer_config.json
+# (local_files_only follows HF_HUB_OFFLINE), which would make the same checkpoint's bytes depend
+# on the environment that saved it.
+LOAD_TIME_TOKENIZER_KEYS = ("local_files_only", "cache_dir", "token", "force_download", "proxies")
+
+
 def save_checkpoint(
     model, tokenizer, out_dir: str | Path, retrofit_cfg: RetrofitConfig | None, extra: dict | None = None,
-    extra_files: dict[str, str] | None = None,
+    extra_files: dict[str, str] | None = None, extra_dirs: dict[str, str | Path] | None = None,
 ) -> Path:
-    """Write model (+ tokenizer, retrofit config, manifest, extra text files) to out_dir atomically."""
+    """Write model (+ tokenizer, retrofit config, manifest, extra text files, extra directories
+    copied in whole) to out_dir atomically."""
     with staged_dir(out_dir) as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
@@ -40,15 +48,27 @@ def save_checkpoint(
         save_model(model, str(tmp / WEIGHTS))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            normalise_tokenizer_config(tmp / "tokenizer_config.json")
         meta = {"format": 1, "retrofit": None if retrofit_cfg is None else OmegaConf.to_container(OmegaConf.structured(retrofit_cfg))}
         meta.update(extra or {})
         (tmp / RETROFIT_FILE).write_text(json.dumps(meta, indent=2))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        for name, src in (extra_dirs or {}).items():
+            shutil.copytree(src, tmp / name)
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         manifest = {p.name: sha256_file(p) for p in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return Path(out_dir)
+
+
+def normalise_tokenizer_config(path: Path) -> None:
+    """Drop the load-time keys from a saved tokenizer_config.json (see LOAD_TIME_TOKENIZER_KEYS)."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if any(k in config for k in LOAD_TIME_TOKENIZER_KEYS):
+        path.write_text(json.dumps({k: v for k, v in config.items() if k not in LOAD_TIME_TOKENIZER_KEYS}, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_retrofit_config(ckpt_dir: str | Path) -> RetrofitConfig | None:

@@ -149,12 +149,17 @@ def _set_rng_state(s: dict) -> None:
 
 def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p: LoopParams, state_dir: str | Path,
           device: torch.device | str = "cpu", progress: bool = True, fingerprint: str | None = None,
-          dist: Dist | None = None, teachers: dict[int, torch.nn.Module] | None = None) -> dict:
+          dist: Dist | None = None, teachers: dict[int, torch.nn.Module] | None = None,
+          on_entry: Callable[[dict], None] | None = None) -> dict:
     """Train in place for p.max_steps (resuming from state_dir if it holds a state); return the record.
 
     On return the model holds the best weights seen on eval_batches (early stopping), and the record
-    has the history, the best step and the time per step. fingerprint: what the run is (params,
-    starting model, data); a state written under another fingerprint is discarded, not resumed.
+    has the history and the best step (wall time goes to the log, not the record: the record is
+    saved with the checkpoint, whose bytes must not depend on the machine's speed). fingerprint:
+    what the run is (params, starting model, data); a state written under another fingerprint is
+    discarded, not resumed. on_entry: called with every history entry ({"step", "lm_loss", ...,
+    "eval_loss" at evaluations}) in order; a resumed run first replays the entries it restored, so
+    a logger always sees the whole history (the stage passes dvclive's, see components/_live.py).
     teachers: {decoder layer: frozen FFN} for p.distil_weight (see ffn_distillation).
 
     dist (slotwise.distributed, a run under torchrun): `model` is wrapped for data parallelism
@@ -195,6 +200,8 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
         if (state_dir / "best.safetensors").is_file():
             best_state = load_file(state_dir / "best.safetensors")
         log.info("resumed from %s at step %d", state_dir, record["step"])
+        for entry in record["history"] if on_entry else []:
+            on_entry(entry)
 
     def save_state():
         with staged_dir(state_dir) as tmp:
@@ -208,6 +215,8 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
     if record["step"] == 0 and not record["history"]:
         record["best_eval_loss"] = eval_loss(model, eval_batches, dist)
         record["history"].append({"step": 0, "eval_loss": record["best_eval_loss"]})
+        if on_entry:
+            on_entry(record["history"][-1])
         best_state = _trainable_state(model, names)
     model.train()
     bar = tqdm(total=p.max_steps, initial=record["step"], desc="train", disable=not progress)
@@ -244,6 +253,8 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
             else:
                 record["evals_without_improvement"] += 1
         record["history"].append(entry)
+        if on_entry:
+            on_entry(entry)
         bar.update(1)
         bar.set_postfix(loss=f"{stats['lm_loss']:.3f}", **({"eval": f"{entry['eval_loss']:.3f}"} if "eval_loss" in entry else {}))
         stop = p.early_stop_patience is not None and record["evals_without_improvement"] >= p.early_stop_patience
@@ -262,7 +273,7 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
             break
     bar.close()
     if steps_here:
-        record["seconds_per_step"] = (time.perf_counter() - t_start) / steps_here
+        log.info("%d steps, %.2f s per step", steps_here, (time.perf_counter() - t_start) / steps_here)
     if best_state is not None:
         _load_trainable(model, best_state)
     model.eval()

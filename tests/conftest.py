@@ -80,3 +80,14 @@ def small_llama(vocab_size: int, seed: int = 0):
 def input_ids():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, TINY["vocab_size"], (2, 11), generator=g)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, smol_tokenizer) -> Path:
+    """The six pipeline stages on a tiny model (tests/_tiny_pipeline.py), run once per session;
+    returns the run's root (base/, params.yaml, runs/<stage>/)."""
+    from _tiny_pipeline import build_inputs, run_stages
+
+    root = build_inputs(tmp_path_factory.mktemp("tiny") / "run", smol_tokenizer)
+    run_stages(root)
+    return root

@@ -110,7 +110,11 @@ def test_all_methods_run_on_one_stream_and_smf_saves_a_revertible_delta(setup):
             "--stats", str(root / "stats"), "--out", str(out)]
     assert continual_component.main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) >= {"start", "smf_tfidf", "smf_kl", "full_ft", "lora", "grit"}
+    assert set(metrics) == {"smf_tfidf", "smf_kl", "full_ft", "lora", "grit"}
+    assert all(set(m) == {"learned", "known_drop", "heldout_ppl_rise"} for m in metrics.values())
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["runs"]) == set(metrics) and summary["start"]["known_screened"] == 1
+    assert all(summary["runs"][n]["learned"] == m["learned"] for n, m in metrics.items())
     curves = json.loads((out / "curves.json").read_text())["methods"]
     assert [pt["facts_seen"] for pt in curves["full_ft"]["curve"]] == [0, 2, 3]
     assert (out / "plots" / "frontier.png").stat().st_size > 0 and (out / "plots" / "curves.png").stat().st_size > 0
@@ -147,7 +151,7 @@ def test_a_killed_run_resumes_at_the_first_unfinished_method(setup, tmp_path, mo
     (tmp_path / "p.yaml").write_text(two)
     out = tmp_path / "out"
     args = ["--params", str(tmp_path / "p.yaml"), "--model", str(root / "model"), "--data", str(root / "data"),
-            "--stats", str(root / "stats"), "--out", str(out)]
+            "--stats", str(root / "stats"), "--out", str(out), "--live"]
     calls = []
     real = continual_component.run_method
 
@@ -165,6 +169,12 @@ def test_a_killed_run_resumes_at_the_first_unfinished_method(setup, tmp_path, mo
     assert calls == ["smf_tfidf", "full_ft", "full_ft"]  # smf_tfidf was not run again
     curves = json.loads((out / "curves.json").read_text())["methods"]
     assert set(curves) == {"smf_tfidf", "full_ft"} and (out / "deltas" / "smf_tfidf" / "delta.json").is_file()
+    # dvclive's curves (--live) hold the reused method's points too, replayed from its kept result
+    for run in ("smf_tfidf", "full_ft"):
+        rows = (out / "live" / "plots" / "metrics" / run / "heldout_ppl.tsv").read_text().splitlines()
+        assert rows[0] == "step\theldout_ppl"
+        assert [(int(r.split("\t")[0]), float(r.split("\t")[1])) for r in rows[1:]] == \
+            [(pt["facts_seen"], pt["heldout_ppl"]) for pt in curves[run]["curve"]]
     # a changed method is not reused
     (tmp_path / "p.yaml").write_text(two.replace("lr: 0.01}", "lr: 0.02}"))
     calls.clear()
@@ -195,8 +205,8 @@ def test_sweeps_until_loss_and_matched_frontier(setup, tmp_path):
     out = tmp_path / "out"
     assert continual_component.main(["--params", str(tmp_path / "p.yaml"), "--model", str(root / "model"),
                                       "--data", str(root / "data"), "--stats", str(root / "stats"), "--out", str(out)]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"start", "full_ft", "smf@lr=0.5", "smf@lr=2"}
+    metrics = json.loads((out / "summary.json").read_text())["runs"]
+    assert set(metrics) == {"full_ft", "smf@lr=0.5", "smf@lr=2"}
     assert metrics["full_ft"]["steps_per_fact_mean"] == 1.0  # any loss is below 1e9: one step per fact
     assert metrics["smf@lr=0.5"]["steps_per_fact_mean"] == 3.0  # the run's own budget, not the stage's 6
     assert metrics["smf@lr=2"]["group"] == "smf" and metrics["full_ft"]["group"] == "full_ft"

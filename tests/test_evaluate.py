@@ -326,8 +326,16 @@ def test_cli_writes_metrics_plots_and_params(tmp_path, tokenizer, data_dir, caps
     code, err = _cli(capsys, "--params", _params(tmp_path), "--model", ckpt, "--data", data_dir, "--out", out,
                      "evaluate.tasks=[triviaqa,arc_easy,gsm8k]")
     assert code == 0, err
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "results.json").read_text())
     assert set(metrics) == {"triviaqa", "arc_easy", "gsm8k", "perplexity", "facts"}
+    # metrics.json (what `dvc metrics show` lists): one headline number per task, perplexity on/off, fact EM
+    headline = json.loads((out / "metrics.json").read_text())
+    assert headline == {"triviaqa": {"exact_match": metrics["triviaqa"]["exact_match"]},
+                        "arc_easy": {"acc_norm": metrics["arc_easy"]["acc_norm"]},
+                        "gsm8k": {"nll_per_char": metrics["gsm8k"]["nll_per_char"]},
+                        "heldout_ppl": {"memory_on": metrics["perplexity"]["heldout"],
+                                        "memory_off": metrics["perplexity"]["heldout_memory_off"]},
+                        "facts": {"exact_match": metrics["facts"]["exact_match"]}}
     assert metrics["arc_easy"]["n"] == 2 and metrics["gsm8k"]["n"] == 1
     ppl = metrics["perplexity"]
     assert ppl["blocks"] == 2 and ppl["heldout"] > 1 and ppl["heldout_memory_off"] > 1
@@ -338,7 +346,9 @@ def test_cli_writes_metrics_plots_and_params(tmp_path, tokenizer, data_dir, caps
     assert csv_lines[0] == "task,metric,score" and any(l.startswith("arc_easy,acc_norm,") for l in csv_lines)
     assert "limit: 2" in (out / "params.resolved.yaml").read_text()
     assert len((out / "facts_predictions.jsonl").read_text().splitlines()) == 3
-    assert json.loads((out / "summary.json").read_text())["memory_mode"] == "additive"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["memory_mode"] == "additive"
+    assert not {"device", "load_seconds", "eval_seconds"} & set(summary)  # environment and timings: in the log
     assert sorted(p.name for p in out.parent.iterdir()) == ["evaluate"]  # no staging dirs left behind
 
 

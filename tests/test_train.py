@@ -106,7 +106,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, retrofit_dir, data_dir
     steps = 200
     params = _params(tmp_path, steps)
     # Uninterrupted reference run.
-    assert train_component.main(_args(params, retrofit_dir, data_dir, tmp_path / "ref", "--state", str(tmp_path / "ref_state"))) == 0
+    assert train_component.main(_args(params, retrofit_dir, data_dir, tmp_path / "ref", "--state", str(tmp_path / "ref_state"), "--live")) == 0
     # A run killed (SIGKILL) as soon as it has written its first state, then restarted.
     state = tmp_path / "state"
     cmd = [sys.executable, "-m", "slotwise.components.train", *_args(params, retrofit_dir, data_dir, tmp_path / "out", "--state", str(state))]
@@ -119,11 +119,19 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, retrofit_dir, data_dir
     assert not (tmp_path / "out").exists(), "the run finished before it could be killed"
     killed_at = torch.load(state / "trainer.pt", weights_only=False)["record"]["step"]
     assert 0 < killed_at < steps
-    assert train_component.main(_args(params, retrofit_dir, data_dir, tmp_path / "out", "--state", str(state))) == 0
+    assert train_component.main(_args(params, retrofit_dir, data_dir, tmp_path / "out", "--state", str(state), "--live")) == 0
     ref = load_file(tmp_path / "ref" / "model.safetensors")
     got = load_file(tmp_path / "out" / "model.safetensors")
     assert ref.keys() == got.keys()
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+    # dvclive's logs (--live) of the resumed run hold the whole history too: the same bytes as the reference's
+    live = {d: {p.relative_to(tmp_path / d): p.read_bytes() for p in (tmp_path / d / "live").rglob("*") if p.is_file()}
+            for d in ("ref", "out")}
+    assert live["ref"] == live["out"]
+    loss = (tmp_path / "ref" / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    assert loss[0] == "step\tloss" and len(loss) == 1 + steps
+    history = summary_history(tmp_path / "ref")
+    assert [float(line.split("\t")[1]) for line in loss[1:]] == [h["lm_loss"] for h in history if "lm_loss" in h]
 
 
 def test_sft_puts_the_loss_on_answers_only(smol_tokenizer):

@@ -11,7 +11,6 @@ optimizer steps, with the loss on the answer tokens. Every `eval_every` facts th
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -148,18 +147,22 @@ def measure(model, tokenizer, seen: list[dict], known: list[dict], ppl_blocks: t
 
 def run_stream(updater, model_for_eval: Callable[[], torch.nn.Module], tokenizer, facts: list[dict], known: list[dict],
                ppl_blocks: torch.Tensor, p: ContinualParams, device, label: str,
-               rows_per_fact: list[int] | None = None, run: MethodRun | None = None) -> list[dict]:
+               rows_per_fact: list[int] | None = None, run: MethodRun | None = None,
+               on_point: Callable[[dict], None] | None = None) -> list[dict]:
     """Stream the facts through the updater; return the curve (one point per measurement).
 
     Each fact gets up to `steps_per_fact` optimizer steps (the run's own budget, else the stage's);
     with `until_loss` it stops as soon as the loss an update step reports (its loss before the
     update) is below that, so a method that learns a fact in one step spends one step on it.
     rows_per_fact: if given (and the updater reports "selected" rows, as SMF does), gets one entry
-    per fact: the value rows that fact's update touched, summed over pools (the size of its delta)."""
+    per fact: the value rows that fact's update touched, summed over pools (the size of its delta).
+    on_point: called with each curve point as it is measured (the stage passes dvclive's logger).
+    No wall times in the points: the curve is part of a cached output (the stage logs them)."""
     max_steps = run.steps_per_fact if run is not None and run.steps_per_fact is not None else p.steps_per_fact
     until = run.until_loss if run is not None and run.until_loss is not None else p.until_loss
-    curve = [{"facts_seen": 0, **measure(model_for_eval(), tokenizer, [], known, ppl_blocks, p.batch_size), "seconds": 0.0}]
-    t0 = time.perf_counter()
+    curve = [{"facts_seen": 0, **measure(model_for_eval(), tokenizer, [], known, ppl_blocks, p.batch_size)}]
+    if on_point:
+        on_point(curve[-1])
     steps_taken: list[int] = []
     for n, fact in enumerate(tqdm(facts, desc=label), 1):
         batch = {k: v.to(device) for k, v in fact_batch(fact, tokenizer, p.include_statement, p.max_len).items()}
@@ -176,8 +179,10 @@ def run_stream(updater, model_for_eval: Callable[[], torch.nn.Module], tokenizer
             rows_per_fact.append(sum(len(v) for v in touched.values()))
         if n % p.eval_every == 0 or n == len(facts):
             point = measure(model_for_eval(), tokenizer, facts[:n], known, ppl_blocks, p.batch_size)
-            curve.append({"facts_seen": n, **point, "last_loss": float(last["loss"]), "seconds": time.perf_counter() - t0,
+            curve.append({"facts_seen": n, **point, "last_loss": float(last["loss"]),
                           "steps_per_fact_mean": sum(steps_taken) / len(steps_taken)})
+            if on_point:
+                on_point(curve[-1])
     return curve
 
 
