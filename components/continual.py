@@ -79,12 +79,11 @@ def checkpoint_bytes(model_dir: str) -> int:
 def final_tasks(model, tokenizer, data_dir: Path, p: ContinualParams, device) -> dict:
     if not p.final_tasks:
         return {}
-    from slotwise.evaluation.tasks import rendered_tasks, run_tasks
+    from slotwise.evaluation.tasks import run_tasks
 
     present = [t for t in p.final_tasks if (data_dir / "tasks" / f"{t}.jsonl").is_file()]
-    with rendered_tasks(data_dir / "tasks", tasks=present) as include:
-        return run_tasks(model.to(device), tokenizer, present, include, {t: p.final_task_limit for t in present},
-                         batch_size=p.batch_size // 2 or 1, seed=p.seed)
+    return run_tasks(model.to(device), tokenizer, present, data_dir / "tasks", {t: p.final_task_limit for t in present},
+                     batch_size=p.batch_size // 2 or 1, seed=p.seed)
 
 
 def summarize(results: dict, start: dict) -> dict:

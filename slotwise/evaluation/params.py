@@ -53,6 +53,9 @@ class EvaluateParams:
     limits: TaskLimits = field(default_factory=TaskLimits)  # per-task overrides of limit
     batch_size: int = 8
     max_new_tokens: int = 32  # generation budget of the generate_until tasks (nq_open, triviaqa)
+    gsm8k_max_new_tokens: int = 256  # generation budget of gsm8k's exact-match task (lm-eval's default)
+    bootstrap_iters: int = 1000  # standard errors: closed form for means, bootstrap draws otherwise; 0 = none
+    log_samples: bool = False  # also write lm-eval's per-document records (lm_eval_samples/<task>.jsonl)
     device: str = "auto"
     dtype: str = "float32"
     seed: int = 0
@@ -82,7 +85,10 @@ def check_evaluate_params(p: EvaluateParams, where: str = "params") -> None:
     for key, value in (("limit", p.limit), ("perplexity.max_blocks", p.perplexity.max_blocks), ("facts.limit", p.facts.limit)):
         if value is not None and value <= 0:
             raise bad(key, f"expected a positive integer or null, got {value}")
+    if p.bootstrap_iters < 0:
+        raise bad("bootstrap_iters", f"expected an integer >= 0, got {p.bootstrap_iters}")
     for key, value in (("batch_size", p.batch_size), ("max_new_tokens", p.max_new_tokens),
+                       ("gsm8k_max_new_tokens", p.gsm8k_max_new_tokens),
                        ("perplexity.batch_size", p.perplexity.batch_size), ("facts.max_new_tokens", p.facts.max_new_tokens)):
         if value <= 0:
             raise bad(key, f"expected a positive integer, got {value}")
