@@ -7,8 +7,10 @@
 Every method starts from the same model and sees the same facts in the same order. Writes
 curves.json (acquisition and retention over the stream), metrics.json (final numbers per
 method, for `dvc metrics`), plots/curves.png, plots/frontier.png (acquisition vs retention, one
-point per method), deltas/<method>/ (an SMF update as a sparse delta: row ids + rows) and
-params.resolved.yaml. Each method's result is kept in .<out>.parts/ as soon as it finishes, so a
+point per method), deltas/<method>/ (an SMF update as a sparse delta: row ids + rows),
+adapters/<method>/ (a LoRA or GRIT update as a peft adapter, save_pretrained: load it with
+`PeftModel.from_pretrained(base, adapters/<method>)` on the --model checkpoint; both with
+continual.save_deltas) and params.resolved.yaml. Each method's result is kept in .<out>.parts/ as soon as it finishes, so a
 killed run restarts at the first unfinished method (same params, model and facts).
 """
 from __future__ import annotations
@@ -68,7 +70,7 @@ def run_method(run: MethodRun, args, p: ContinualParams, facts, known, ppl_block
                                     "bytes_mean": sum(per_fact) / max(len(per_fact), 1), "bytes_max": max(per_fact, default=0),
                                     "checkpoint_bytes": ckpt, "fraction_max": max(per_fact, default=0) / ckpt if ckpt else None,
                                     "cumulative_fraction": delta.nbytes / ckpt if ckpt else None}
-    return result, (updater.model, tokenizer, delta)
+    return result, (updater, tokenizer, delta)
 
 
 def checkpoint_bytes(model_dir: str) -> int:
@@ -152,16 +154,20 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("%s: finished in an earlier run (%s), reused", run.name, done)
             else:
                 t0 = time.perf_counter()
-                result, (model, tok, delta) = run_method(run, args, p, facts, known, ppl_blocks, backgrounds, device)
-                result["final_tasks"] = final_tasks(model, tok, data, p, device)
+                result, (updater, tok, delta) = run_method(run, args, p, facts, known, ppl_blocks, backgrounds, device)
+                result["final_tasks"] = final_tasks(updater.model, tok, data, p, device)
                 result["seconds"] = time.perf_counter() - t0
-                del model
                 with staged_dir(done) as part:
                     if delta is not None and p.save_deltas:
                         save_delta(delta, part / "delta")
+                    if hasattr(updater, "save_adapter") and p.save_deltas:  # lora, grit
+                        updater.save_adapter(part / "adapter", base_model=args.model)
                     (part / "result.json").write_text(json.dumps({"key": key, "result": result}))
+                del updater
             if (done / "delta").is_dir():
                 shutil.copytree(done / "delta", tmp / "deltas" / run.name)
+            if (done / "adapter").is_dir():
+                shutil.copytree(done / "adapter", tmp / "adapters" / run.name)
             results[run.name] = result
             log.info("%s: learned %d/%d, known kept %d/%d, held-out ppl %.2f (%.0f s)", run.name,
                      result["curve"][-1]["learned"], len(facts), result["curve"][-1]["known_kept"], len(known),

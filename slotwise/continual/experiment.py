@@ -47,7 +47,7 @@ class ContinualParams:
     batch_size: int = 16  # generation / perplexity batch
     device: str = "auto"
     seed: int = 0
-    save_deltas: bool = True
+    save_deltas: bool = True  # SMF sparse deltas (deltas/) and LoRA / GRIT peft adapters (adapters/)
     methods: list[MethodRun] = field(default_factory=lambda: [
         MethodRun("smf_tfidf", "smf", {"score": "tfidf", "top_t": 500, "optimizer": "adam", "lr": 2e-3, "count_on": "answer"}),
         MethodRun("smf_kl", "smf", {"score": "kl", "top_t": 500, "optimizer": "adam", "lr": 2e-3, "count_on": "answer"}),

@@ -153,6 +153,27 @@ class SparseMemoryFinetuner:
             chosen[pool.name] = select_slots(scores, c, cfg.top_t, allowed)
         return chosen
 
+    @torch.no_grad()
+    def update_rows(self, chosen: dict[str, torch.Tensor], lr: float | None = None) -> None:
+        """One optimizer step on rows `chosen` of each pool, from the pool's .grad (then cleared);
+        no other row, and no other row's Adam state, is written. lr: None = cfg.lr."""
+        cfg = self.cfg
+        lr = cfg.lr if lr is None else lr
+        for pool in self.pools:
+            rows, w = chosen[pool.name], pool.weight
+            if rows.numel() == 0 or w.grad is None:
+                w.grad = None
+                continue
+            g = rows_of_grad(w.grad, rows)  # (R, D)
+            if cfg.optimizer == "sgd":
+                kernels.sparse_sgd_(w.data, rows, g, lr)
+            else:
+                s = self.state[pool.name]
+                kernels.sparse_adam_(w.data, s["exp_avg"], s["exp_avg_sq"], s["step"], rows, g, lr,
+                                     cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
+            w.grad = None
+        self.n_steps += 1
+
     def step(self, batch: dict) -> dict:
         cfg = self.cfg
         for pool in self.pools:
@@ -162,20 +183,7 @@ class SparseMemoryFinetuner:
         mask = count_mask(batch, cfg.count_on)
         chosen = self.select(self.pool_counts(lookups, mask))
         out.loss.backward()
-        with torch.no_grad():
-            for pool in self.pools:
-                rows, w = chosen[pool.name], pool.weight
-                if rows.numel() == 0 or w.grad is None:
-                    continue
-                g = rows_of_grad(w.grad, rows)  # (R, D)
-                if cfg.optimizer == "sgd":
-                    kernels.sparse_sgd_(w.data, rows, g, cfg.lr)
-                else:
-                    s = self.state[pool.name]
-                    kernels.sparse_adam_(w.data, s["exp_avg"], s["exp_avg_sq"], s["step"], rows, g, cfg.lr,
-                                         cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
-                w.grad = None
-        self.n_steps += 1
+        self.update_rows(chosen)
         by_layer = {pool.layers[0]: chosen[pool.name] for pool in self.pools}
         return {
             "loss": out.loss.item(),
