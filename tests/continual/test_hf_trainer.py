@@ -134,3 +134,27 @@ def test_state_dict_round_trips(tmp_path):
     for name, tensors in opt.smf.state.items():
         for key, t in tensors.items():
             assert torch.equal(other.smf.state[name][key], t) and t.abs().sum() > 0
+
+
+def test_trainer_runs_smf_on_a_model_loaded_through_transformers(tmp_path):
+    """The Trainer user's path: AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True), then SMF."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_retrofit_cfg
+    from slotwise.checkpoint import save_checkpoint
+
+    ckpt = save_checkpoint(retrofitted(), None, tmp_path / "ckpt", tiny_retrofit_cfg(out_init_std=0.1))
+    model = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True)
+    assert type(model).__name__ == "SlotwiseForCausalLM"
+    before = snapshot(model)
+    cfg = SMFConfig(top_t=6, score="tfidf", optimizer="adam", lr=1e-2)
+    fed, selected, _ = train(model, tmp_path, cfg)
+    assert len(fed) == len(selected) == STEPS
+    for pool in value_pools(model):
+        touched = torch.zeros(pool.weight.shape[0], dtype=torch.bool)
+        for chosen in selected:
+            touched[chosen[pool.name]] = True
+        changed = (pool.weight != before[pool.name]).any(dim=1)
+        assert changed[touched].all() and not changed[~touched].any()
+    names = {p.name for p in value_pools(model)}
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n not in names)
