@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from slotwise.atomic import staged_dir
-from slotwise.checkpoint import CheckpointError, MANIFEST, RETROFIT_FILE, load_checkpoint, model_hash
+from slotwise.checkpoint import CheckpointError, MANIFEST, RETROFIT_FILE, is_hf_native, load_checkpoint, model_hash
 from slotwise.components._cli import component_parser, resolve_device, run_cli
 from slotwise.config import ConfigError, load_params, write_resolved
 from slotwise.evaluation.facts import fact_acquisition, read_jsonl
@@ -78,7 +78,7 @@ def check_data(p: EvaluateParams, data_dir: Path) -> None:
 def load_model(source: str, dtype: torch.dtype, device: torch.device):
     """A slotwise checkpoint directory or a base model source -> (model, tokenizer, model hash or None)."""
     path = Path(source)
-    if path.is_dir() and (path / RETROFIT_FILE).is_file():  # written by slotwise.checkpoint.save_checkpoint
+    if path.is_dir() and ((path / RETROFIT_FILE).is_file() or is_hf_native(path)):  # save_checkpoint's, or a SlotwiseForCausalLM's save_pretrained
         model, tokenizer = load_checkpoint(path, dtype=dtype, device=device)
         digest = model_hash(path) if (path / MANIFEST).is_file() else None
     else:
