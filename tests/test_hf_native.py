@@ -53,6 +53,7 @@ def test_hf_load_gives_load_checkpoints_logits_bitwise(tmp_path, family, input_i
     ckpt, _ = saved(tmp_path, family)
     config = json.loads((ckpt / "config.json").read_text())
     assert config["model_type"] == "slotwise" and config["architectures"] == ["SlotwiseForCausalLM"]
+    assert "_name_or_path" not in config["text_config"]  # no machine's path in a cached output
     assert config["auto_map"] == {"AutoConfig": "configuration_slotwise.SlotwiseConfig",
                                   "AutoModelForCausalLM": "modeling_slotwise.SlotwiseForCausalLM"}
     for f in ("configuration_slotwise.py", "modeling_slotwise.py", "portable_memory.py"):

@@ -33,7 +33,9 @@ def code_files() -> list[Path]:
 def slotwise_config(model: nn.Module, retrofit: dict) -> SlotwiseConfig:
     """The SlotwiseConfig of a retrofitted base model (its config becomes text_config)."""
     base = model.config
-    return SlotwiseConfig(text_config=base.to_dict(), retrofit=retrofit, dtype=base.dtype,
+    text = base.to_dict()
+    text.pop("_name_or_path", None)  # where the base model was read from: a machine's path, not its config
+    return SlotwiseConfig(text_config=text, retrofit=retrofit, dtype=base.dtype,
                           architectures=[SlotwiseForCausalLM.__name__])
 
 
