@@ -20,6 +20,7 @@ STAGES = {
     "report": "slotwise.components.report",
     "update": "slotwise.components.update",
     "gate": "slotwise.components.gate",
+    "export": "slotwise.components.export",
 }
 
 

@@ -16,6 +16,8 @@ slotwise.continual.frontier). Writes, atomically, into --out:
     plots/curves.png, plots/frontier.png
     live/               (--live) the curves in dvclive's layout: <run>/<metric> against facts seen
     deltas/<run>/       an SMF update as a sparse delta: row ids + rows
+    adapters/<run>/     a LoRA or GRIT update as a peft adapter (save_pretrained: load it with
+                        `PeftModel.from_pretrained(base, adapters/<run>)` on the --model checkpoint)
     params.resolved.yaml
 
 Each method's result is kept in .<out>.parts/ as soon as it finishes, so a killed run restarts at
@@ -84,7 +86,7 @@ def run_method(run: MethodRun, args, p: ContinualParams, facts, known, ppl_block
                                     "bytes_mean": sum(per_fact) / max(len(per_fact), 1), "bytes_max": max(per_fact, default=0),
                                     "checkpoint_bytes": ckpt, "fraction_max": max(per_fact, default=0) / ckpt if ckpt else None,
                                     "cumulative_fraction": delta.nbytes / ckpt if ckpt else None}
-    return result, (updater.model, tokenizer, delta)
+    return result, (updater, tokenizer, delta)
 
 
 def checkpoint_bytes(model_dir: str) -> int:
@@ -95,12 +97,11 @@ def checkpoint_bytes(model_dir: str) -> int:
 def final_tasks(model, tokenizer, data_dir: Path, p: ContinualParams, device) -> dict:
     if not p.final_tasks:
         return {}
-    from slotwise.evaluation.tasks import rendered_tasks, run_tasks
+    from slotwise.evaluation.tasks import run_tasks
 
     present = [t for t in p.final_tasks if (data_dir / "tasks" / f"{t}.jsonl").is_file()]
-    with rendered_tasks(data_dir / "tasks", tasks=present) as include:
-        return run_tasks(model.to(device), tokenizer, present, include, {t: p.final_task_limit for t in present},
-                         batch_size=p.batch_size // 2 or 1, seed=p.seed)
+    return run_tasks(model.to(device), tokenizer, present, data_dir / "tasks", {t: p.final_task_limit for t in present},
+                     batch_size=p.batch_size // 2 or 1, seed=p.seed)
 
 
 HEADLINE = ("learned", "known_drop", "heldout_ppl_rise")
@@ -190,15 +191,19 @@ def main(argv: list[str] | None = None) -> int:
                 for point in result["curve"] if on_point else []:
                     on_point(point)
             else:
-                result, (model, tok, delta) = run_method(run, args, p, facts, known, ppl_blocks, backgrounds, device, on_point)
-                result["final_tasks"] = final_tasks(model, tok, data, p, device)
-                del model
+                result, (updater, tok, delta) = run_method(run, args, p, facts, known, ppl_blocks, backgrounds, device, on_point)
+                result["final_tasks"] = final_tasks(updater.model, tok, data, p, device)
                 with staged_dir(done) as part:
                     if delta is not None and p.save_deltas:
                         save_delta(delta, part / "delta")
+                    if hasattr(updater, "save_adapter") and p.save_deltas:  # lora, grit
+                        updater.save_adapter(part / "adapter", base_model=args.model)
                     (part / "result.json").write_text(json.dumps({"key": key, "result": result}))
+                del updater
             if (done / "delta").is_dir():
                 shutil.copytree(done / "delta", tmp / "deltas" / run.name)
+            if (done / "adapter").is_dir():
+                shutil.copytree(done / "adapter", tmp / "adapters" / run.name)
             results[run.name] = result
             log.info("%s: learned %d/%d, known kept %d/%d, held-out ppl %.2f (%.0f s)", run.name,
                      result["curve"][-1]["learned"], len(facts), result["curve"][-1]["known_kept"], len(known),

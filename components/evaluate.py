@@ -11,7 +11,11 @@ retention.jsonl when the data stage wrote one (the testbed's old population: met
 Writes, atomically, into --out:
     metrics.json            the headline numbers, for `dvc metrics show`: one score per task, held-out
                             perplexity with memory on / off, fact EM
-    results.json            everything measured: {task: {metric: value}, "perplexity": {...}, "facts": {...}}
+    results.json            everything measured: {task: {metric: value, metric_stderr: value, n}, "perplexity": {...},
+                            "facts": {...}, "retention": {...}} (gsm8k: NLL and lm-eval's exact match, strict and flexible)
+    lm_eval_results.json    lm-eval's own results JSON for the tasks (configs, versions, n-shot, n-samples;
+                            times and machine details left out)
+    lm_eval_samples/        lm-eval's per-document records, <lm-eval task>.jsonl (evaluate.log_samples: true)
     plots/scores.{csv,json} one row per (task, metric) score in [0, 1], for `dvc plots`
     plots/scores.png        bar chart of those scores
     facts_predictions.jsonl each probe's greedy answer with its EM / F1 (retention probes: "set": "retention")
@@ -25,13 +29,14 @@ import itertools
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
 
 import torch
 
 from slotwise.atomic import staged_dir
-from slotwise.checkpoint import CheckpointError, MANIFEST, RETROFIT_FILE, load_checkpoint, model_hash
+from slotwise.checkpoint import CheckpointError, MANIFEST, RETROFIT_FILE, is_hf_native, load_checkpoint, model_hash
 from slotwise.components._cli import component_parser, run_cli
 from slotwise.config import ConfigError, load_params, write_resolved
 from slotwise.evaluation.facts import fact_acquisition
@@ -39,7 +44,7 @@ from slotwise.evaluation.memory_switch import memory_disabled, memory_mode
 from slotwise.evaluation.params import EvaluateParams
 from slotwise.evaluation.perplexity import heldout_perplexity, token_blocks
 from slotwise.evaluation.plots import score_rows, write_scores
-from slotwise.evaluation.tasks import rendered_tasks, run_tasks, task_file
+from slotwise.evaluation.tasks import TaskRun, evaluate_tasks, task_file
 from slotwise.models import load_base_model
 from slotwise.schema import resolve_device
 from slotwise.sources import read_jsonl
@@ -80,7 +85,7 @@ def check_data(p: EvaluateParams, data_dir: Path) -> None:
 def load_model(source: str, dtype: torch.dtype, device: torch.device):
     """A slotwise checkpoint directory or a base model source -> (model, tokenizer, model hash or None)."""
     path = Path(source)
-    if path.is_dir() and (path / RETROFIT_FILE).is_file():  # written by slotwise.checkpoint.save_checkpoint
+    if path.is_dir() and ((path / RETROFIT_FILE).is_file() or is_hf_native(path)):  # save_checkpoint's, or a SlotwiseForCausalLM's save_pretrained
         model, tokenizer = load_checkpoint(path, dtype=dtype, device=device)
         digest = model_hash(path) if (path / MANIFEST).is_file() else None
     else:
@@ -107,15 +112,22 @@ def perplexity_metrics(model, tokenizer, p: EvaluateParams, data_dir: Path) -> d
             "nll": on["nll"], "nll_memory_off": off and off["nll"], "tokens": on["tokens"], "blocks": on["blocks"]}
 
 
-def evaluate(model, tokenizer, p: EvaluateParams, data_dir: str | Path) -> tuple[dict, list[dict]]:
-    """Everything the stage measures -> (metrics, per-fact prediction rows). Reads only data_dir."""
+def run_lm_eval(model, tokenizer, p: EvaluateParams, data_dir: Path) -> TaskRun:
+    budgets = {"nq_open": p.max_new_tokens, "triviaqa": p.max_new_tokens, "gsm8k": p.gsm8k_max_new_tokens}
+    return evaluate_tasks(model, tokenizer, p.tasks, data_dir / "tasks", {t: p.task_limit(t) for t in p.tasks},
+                          batch_size=p.batch_size, seed=p.seed, max_gen_toks=budgets, bootstrap_iters=p.bootstrap_iters,
+                          log_samples=p.log_samples, progress=True)
+
+
+def evaluate(model, tokenizer, p: EvaluateParams, data_dir: str | Path) -> tuple[dict, list[dict], TaskRun]:
+    """Everything the stage measures -> (metrics, per-fact prediction rows, the lm-eval run). Reads only data_dir."""
     data_dir = Path(data_dir)
     check_data(p, data_dir)
     metrics: dict = {}
+    run = TaskRun(scores={})
     if p.tasks:
-        with rendered_tasks(data_dir / "tasks", p.max_new_tokens, p.tasks) as include_dir:
-            metrics.update(run_tasks(model, tokenizer, p.tasks, include_dir, {t: p.task_limit(t) for t in p.tasks},
-                                     batch_size=p.batch_size, seed=p.seed, progress=True))
+        run = run_lm_eval(model, tokenizer, p, data_dir)
+        metrics.update(run.scores)
     if p.perplexity.enabled:
         metrics["perplexity"] = perplexity_metrics(model, tokenizer, p, data_dir)
     fact_rows: list[dict] = []
@@ -123,10 +135,25 @@ def evaluate(model, tokenizer, p: EvaluateParams, data_dir: str | Path) -> tuple
         facts = [row for _, row in itertools.islice(read_jsonl(data_dir / FACTS, ("probe", "answers")), p.facts.limit)]
         metrics["facts"], fact_rows = fact_acquisition(model, tokenizer, facts, p.facts.max_new_tokens, p.batch_size, progress="facts")
         if (data_dir / RETENTION).is_file():  # the testbed's old population (what pretraining taught)
-            old = read_jsonl(data_dir / RETENTION, p.facts.limit)
+            old = [row for _, row in itertools.islice(read_jsonl(data_dir / RETENTION, ("probe", "answers")), p.facts.limit)]
             metrics["retention"], rows = fact_acquisition(model, tokenizer, old, p.facts.max_new_tokens, p.batch_size, progress="retention")
             fact_rows += [{**r, "set": "retention"} for r in rows]
-    return metrics, fact_rows
+    return metrics, fact_rows, run
+
+
+def write_lm_eval(run: TaskRun, out: Path) -> None:
+    """lm-eval's results JSON (and per-document samples, when logged) into out, as lm-eval serialises them."""
+    from lm_eval.utils import handle_non_serializable
+
+    if run.results:
+        text = json.dumps(run.results, indent=2, default=handle_non_serializable)
+        # lm-eval writes a function it cannot show the source of as "<function f at 0x7f...>": drop
+        # the address, so the same run gives the same bytes.
+        (out / "lm_eval_results.json").write_text(re.sub(r" at 0x[0-9a-f]+>", ">", text) + "\n")
+    for name, records in run.samples.items():
+        (out / "lm_eval_samples").mkdir(exist_ok=True)
+        (out / "lm_eval_samples" / f"{name}.jsonl").write_text(
+            "".join(json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n" for r in records))
 
 
 def _finite(obj):
@@ -175,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model, tokenizer, digest = load_model(args.model, getattr(torch, p.dtype), device)
     t_load = time.perf_counter() - t0
-    metrics, fact_rows = evaluate(model, tokenizer, p, data_dir)
+    metrics, fact_rows, run = evaluate(model, tokenizer, p, data_dir)
     metrics = _finite(metrics)
     summary = {"model": args.model, "model_sha256": digest, "memory_mode": memory_mode(model), "data": str(data_dir),
                "dtype": p.dtype}
@@ -186,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "results.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (tmp / "facts_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fact_rows))
+        write_lm_eval(run, tmp)
         write_scores(score_rows(metrics), tmp / "plots")
         write_resolved(params, tmp)
     log.info("wrote %s (%s)", args.out, "; ".join(f"{t}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float))

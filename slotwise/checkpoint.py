@@ -1,10 +1,21 @@
 """Save and load retrofitted models: safetensors weights + HF config + the retrofit config.
 
-    <dir>/config.json          the base model's HF config
+    <dir>/config.json          a retrofitted model: slotwise.hf.SlotwiseConfig (model_type "slotwise":
+                               the base model's config as text_config, the retrofit config, auto_map);
+                               a plain model: the base model's HF config
+    <dir>/*.py                 a retrofitted model: the modelling code config.json's auto_map names
     <dir>/model.safetensors    every weight, memory included (shared and tied tensors stored once)
-    <dir>/slotwise.json        the retrofit config (layers, mode, memory hyperparameters)
+    <dir>/slotwise.json        {"format": 2, ...provenance (e.g. trained_from)}
     <dir>/manifest.json        sha256 of every file, for provenance and for refusing mismatches
     <dir>/tokenizer*           the tokenizer
+
+A retrofitted checkpoint is Hugging Face native: AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True) gives load_checkpoint's logits (slotwise.hf), and a load without
+trust_remote_code fails (model_type "slotwise" is not one transformers knows) instead of building
+the base architecture with its memory layers' FFNs randomly initialised.
+
+Format 1 (before): config.json was the base model's config and slotwise.json held the retrofit
+config; load_checkpoint still reads it, and `slotwise export` rewrites one as format 2.
 
 A checkpoint is written into a temporary sibling directory and renamed into place, so a reader
 never sees half of one and a killed save leaves the previous checkpoint intact.
@@ -16,17 +27,19 @@ import shutil
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_model, save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from slotwise.atomic import sha256_file, staged_dir
 from slotwise.errors import CheckpointError
+from slotwise.hf import MODEL_TYPE, SlotwiseConfig, retrofit_config_from_dict, retrofit_dict, write_hf_config
 from slotwise.retrofit import RetrofitConfig, memory_layers, retrofit
 
 WEIGHTS = "model.safetensors"
 RETROFIT_FILE = "slotwise.json"
 MANIFEST = "manifest.json"
+CONFIG = "config.json"
+FORMAT = 2
 
 
 # How a tokenizer was loaded, not what it is: transformers writes these into tokenizer_config.json
@@ -42,14 +55,17 @@ def save_checkpoint(
     """Write model (+ tokenizer, retrofit config, manifest, extra text files, extra directories
     copied in whole) to out_dir atomically."""
     with staged_dir(out_dir) as tmp:
-        model.config.save_pretrained(tmp)
+        if retrofit_cfg is not None:
+            write_hf_config(model, retrofit_dict(retrofit_cfg), tmp)
+        else:
+            model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
             normalise_tokenizer_config(tmp / "tokenizer_config.json")
-        meta = {"format": 1, "retrofit": None if retrofit_cfg is None else OmegaConf.to_container(OmegaConf.structured(retrofit_cfg))}
+        meta = {"format": FORMAT}
         meta.update(extra or {})
         (tmp / RETROFIT_FILE).write_text(json.dumps(meta, indent=2))
         for name, text in (extra_files or {}).items():
@@ -71,14 +87,24 @@ def normalise_tokenizer_config(path: Path) -> None:
         path.write_text(json.dumps({k: v for k, v in config.items() if k not in LOAD_TIME_TOKENIZER_KEYS}, indent=2, ensure_ascii=False) + "\n")
 
 
+def is_hf_native(ckpt_dir: str | Path) -> bool:
+    """Whether config.json is a SlotwiseConfig (format 2, retrofitted) rather than a base model's."""
+    path = Path(ckpt_dir) / CONFIG
+    return path.is_file() and json.loads(path.read_text()).get("model_type") == MODEL_TYPE
+
+
 def read_retrofit_config(ckpt_dir: str | Path) -> RetrofitConfig | None:
-    path = Path(ckpt_dir) / RETROFIT_FILE
+    """The checkpoint's retrofit config (config.json's, or format 1's slotwise.json), None for a plain model."""
+    ckpt_dir = Path(ckpt_dir)
+    if is_hf_native(ckpt_dir):
+        return retrofit_config_from_dict(json.loads((ckpt_dir / CONFIG).read_text())["retrofit"])
+    path = ckpt_dir / RETROFIT_FILE
     if not path.is_file():
         return None
     meta = json.loads(path.read_text())
     if meta.get("retrofit") is None:
         return None
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RetrofitConfig), meta["retrofit"]))
+    return retrofit_config_from_dict(meta["retrofit"])
 
 
 def model_hash(ckpt_dir: str | Path) -> str:
@@ -108,23 +134,30 @@ def load_checkpoint(ckpt_dir: str | Path, dtype: torch.dtype = torch.float32, de
         raise CheckpointError(f"{ckpt_dir}: no {WEIGHTS}; expected a directory written by slotwise")
     if verify and (ckpt_dir / MANIFEST).is_file():
         verify_checkpoint(ckpt_dir)
-    config = AutoConfig.from_pretrained(ckpt_dir)
+    config = SlotwiseConfig.from_pretrained(ckpt_dir).text_config if is_hf_native(ckpt_dir) else AutoConfig.from_pretrained(ckpt_dir)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     cfg = read_retrofit_config(ckpt_dir)
     if cfg is not None:
         retrofit(model, cfg)
     missing, unexpected = load_model(model, str(ckpt_dir / WEIGHTS), strict=False, device=str(device))
-    # Tied embeddings are stored once; anything else missing is a real mismatch.
-    missing = [k for k in missing if not _is_tied(model, k)]
+    # Tied embeddings and shared value pools are stored once (under any one of their names); anything
+    # else missing is a real mismatch.
+    missing = [k for k in missing if not _stored_under_another_name(model, k, missing)]
     if missing or unexpected:
         raise CheckpointError(f"{ckpt_dir / WEIGHTS}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(ckpt_dir) if (ckpt_dir / "tokenizer_config.json").is_file() else None
+    # config= : without it AutoTokenizer reads config.json, and a SlotwiseConfig there would make it
+    # ask (interactively) whether to run the checkpoint's code.
+    tokenizer = AutoTokenizer.from_pretrained(ckpt_dir, config=config) if (ckpt_dir / "tokenizer_config.json").is_file() else None
     return model, tokenizer
 
 
-def _is_tied(model, key: str) -> bool:
-    return key == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)
+def _stored_under_another_name(model, key: str, missing: list[str]) -> bool:
+    """Whether parameter `key` is the same tensor as a parameter the file did hold."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if key not in params:
+        return False
+    return any(p is params[key] and name != key and name not in missing for name, p in params.items())
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_retrofit_config", "model_hash", "verify_checkpoint", "memory_layers"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_retrofit_config", "is_hf_native", "model_hash", "verify_checkpoint", "memory_layers"]

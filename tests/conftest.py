@@ -6,6 +6,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# trust_remote_code loads copy a checkpoint's modelling code into HF_MODULES_CACHE (read by
+# transformers at import): keep the tests' copies out of ~/.cache.
+os.environ.setdefault("HF_MODULES_CACHE", os.path.join(__import__("tempfile").gettempdir(), f"slotwise-hf-modules-{os.getuid()}"))
 # Without a GPU, Triton kernels can only run interpreted; this must be set before anything
 # (transformers, via torch) imports triton.
 if not os.path.exists("/dev/nvidia0"):

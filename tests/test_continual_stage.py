@@ -118,6 +118,11 @@ def test_all_methods_run_on_one_stream_and_smf_saves_a_revertible_delta(setup):
     curves = json.loads((out / "curves.json").read_text())["methods"]
     assert [pt["facts_seen"] for pt in curves["full_ft"]["curve"]] == [0, 2, 3]
     assert (out / "plots" / "frontier.png").stat().st_size > 0 and (out / "plots" / "curves.png").stat().st_size > 0
+    # LoRA and GRIT updates are peft adapters (save_pretrained), on the --model checkpoint
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == ["grit", "lora"]
+    for name in ("grit", "lora"):
+        config = json.loads((out / "adapters" / name / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str(root / "model") and (out / "adapters" / name / "adapter_model.safetensors").is_file()
     # The SMF delta touches at most top_t rows per step and applies / reverts exactly on the start model.
     delta = load_delta(out / "deltas" / "smf_tfidf")
     (n_rows,) = delta.n_rows.values()

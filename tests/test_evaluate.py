@@ -19,7 +19,7 @@ from slotwise.evaluation.facts import fact_acquisition, score_answers
 from slotwise.evaluation.memory_switch import memory_disabled, memory_mode
 from slotwise.evaluation.params import EvaluateParams
 from slotwise.evaluation.perplexity import heldout_perplexity
-from slotwise.evaluation.tasks import TEMPLATES, rendered_tasks, run_tasks
+from slotwise.evaluation.tasks import TASKS_DIR, evaluate_tasks, lm_eval_names, run_tasks
 from slotwise.generation import greedy_answers
 from slotwise.memory import MemoryConfig
 from slotwise.qa_metrics import exact_match, f1 as f1_score, normalize_answer
@@ -144,8 +144,9 @@ def task_scores(tokenizer, data_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(socket.socket, "connect", no_network)
         mp.setattr(socket, "create_connection", no_network)
-        with rendered_tasks(data_dir / "tasks", max_new_tokens=4) as include_dir:
-            return run_tasks(model, tokenizer, list(TASKS), include_dir, limits={"piqa": 2}, batch_size=2)
+        return evaluate_tasks(model, tokenizer, list(TASKS), data_dir / "tasks", limits={"piqa": 2}, batch_size=2,
+                              max_gen_toks={"nq_open": 4, "triviaqa": 4, "gsm8k": 8}, bootstrap_iters=100,
+                              log_samples=True)
 
 
 # ---------------------------------------------------------------- SQuAD-style EM / F1 (values computed by hand)
@@ -175,43 +176,109 @@ def test_normalize_answer():
 
 @pytest.mark.parametrize("task", TASKS)
 def test_task_runs_end_to_end_through_lm_eval(task_scores, task):
-    scores = task_scores[task]
+    scores = task_scores.scores[task]
     expected_n = 2 if task == "piqa" else len(FIXTURES[task])  # per-task limit honoured
     assert scores["n"] == expected_n
     bounded = {"nq_open": ("exact_match", "f1"), "triviaqa": ("exact_match", "f1"), "lambada": ("acc",),
                "hellaswag": ("acc", "acc_norm"), "arc_easy": ("acc", "acc_norm"), "arc_challenge": ("acc", "acc_norm"),
-               "piqa": ("acc", "acc_norm"), "gsm8k": ()}[task]
+               "piqa": ("acc", "acc_norm"), "gsm8k": ("exact_match_strict_match", "exact_match_flexible_extract")}[task]
     for metric in bounded:
         assert 0.0 <= scores[metric] <= 1.0, (metric, scores)
+        assert scores[f"{metric}_stderr"] >= 0.0, (metric, scores)  # standard errors kept
     if task == "lambada":
         assert math.isfinite(scores["perplexity"]) and scores["perplexity"] > 1.0
     if task == "gsm8k":
         assert 0.0 < scores["nll_per_char"] < scores["nll"]
+    for name in lm_eval_names(task):  # lm-eval's own results JSON and per-document records
+        assert name.startswith("slotwise_") and name in task_scores.results["results"]
+        assert sorted({r["doc_id"] for r in task_scores.samples[name]}) == list(range(expected_n))
+        assert task_scores.results["limits"][name] == (2 if task == "piqa" else None)
+
+
+def test_standard_error_is_lm_evals_closed_form(task_scores):
+    """For a mean of 0/1 scores lm-eval's stderr is the sample std / sqrt(n) = sqrt(p (1 - p) / (n - 1))."""
+    for task in ("arc_easy", "hellaswag", "piqa"):
+        s = task_scores.scores[task]
+        p, n = s["acc"], s["n"]
+        assert s["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)))
+
+
+def test_gsm8k_exact_match_uses_the_standard_answer_extraction(task_scores):
+    """Each generation is cut at "Question:" and reduced to the number after "#### " (strict) or the last
+    number (flexible), then compared with the reference's number; recomputed here from lm-eval's records."""
+    import re
+
+    by_filter = {f: [r for r in task_scores.samples["slotwise_gsm8k"] if r["filter"] == f]  # one record per filter
+                 for f in ("strict-match", "flexible-extract")}
+    assert [r["doc"]["question"] for r in by_filter["strict-match"]] == [d["question"] for d in FIXTURES["gsm8k"]]
+    strict, flexible = [], []
+    for r, rf in zip(by_filter["strict-match"], by_filter["flexible-extract"]):
+        text = r["resps"][0][0]
+        assert "Question:" not in text and r["arguments"][0][0].count("Question:") == 6  # five worked examples + the question
+        gold = r["doc"]["answer"].split("#### ")[-1]
+        m = re.search(r"#### (\-?[0-9\.\,]+)", text)
+        want_strict = m.group(1) if m else "[invalid]"
+        nums = re.findall(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", text)
+        want_flexible = next(g for g in nums[-1] if g) if nums else "[invalid]"
+        assert (r["filtered_resps"][0], rf["filtered_resps"][0]) == (want_strict, want_flexible)
+        strict.append(float(want_strict.replace(",", "").rstrip(".") == gold))
+        flexible.append(float(want_flexible.replace(",", "").replace("$", "").rstrip(".") == gold))
+    s = task_scores.scores["gsm8k"]
+    assert s["exact_match_strict_match"] == sum(strict) / len(strict)
+    assert s["exact_match_flexible_extract"] == sum(flexible) / len(flexible)
 
 
 def test_plain_model_runs_through_lm_eval(tokenizer, data_dir):
-    with rendered_tasks(data_dir / "tasks", max_new_tokens=3, tasks=["nq_open", "arc_easy"]) as include_dir:
-        scores = run_tasks(small_lm(len(tokenizer)), tokenizer, ["nq_open", "arc_easy"], include_dir, batch_size=3)
+    scores = run_tasks(small_lm(len(tokenizer)), tokenizer, ["nq_open", "arc_easy"], data_dir / "tasks", batch_size=3)
     assert scores["nq_open"]["n"] == 3 and 0.0 <= scores["arc_easy"]["acc_norm"] <= 1.0
+    assert "acc_stderr" not in scores["arc_easy"]  # run_tasks: scores only
 
 
-def test_rendered_yaml_points_at_the_data(tmp_path):
-    weird = tmp_path / 'dir with "quotes" and spaces'
-    with rendered_tasks(weird, max_new_tokens=7) as include_dir:
-        text = (include_dir / "nq_open.yaml").read_text()
-        import yaml
-        cfg = yaml.load(text.replace("!function", ""), Loader=yaml.SafeLoader)
-        assert cfg["dataset_kwargs"]["data_files"]["test"] == str(weird.resolve() / "nq_open.jsonl")
-        assert cfg["generation_kwargs"]["max_gen_toks"] == 7 and cfg["generation_kwargs"]["until"] == ["\n"]
-        assert (include_dir / "utils.py").is_file()
-    assert not include_dir.exists()
+def load_task_yaml(path: Path) -> dict:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: "!function " + loader.construct_scalar(node))
+    return yaml.load(path.read_text(), Loader=Loader)
+
+
+def test_task_yamls_are_complete_and_namespaced():
+    """Ready for `lm_eval --include_path`: no placeholders, every name slotwise_*, one per scored task,
+    generation budgets equal to the evaluate stage's defaults (so the CLI gives the stage's numbers)."""
+    files = sorted(TASKS_DIR.glob("*.yaml"))
+    cfgs = {load_task_yaml(f)["task"]: load_task_yaml(f) for f in files}
+    assert sorted(cfgs) == sorted(n for t in TASKS for n in lm_eval_names(t))
+    defaults = EvaluateParams()
+    for name, cfg in cfgs.items():
+        text = (TASKS_DIR / f"{name}.yaml").read_text()
+        assert "__" not in text and name.startswith("slotwise_") and cfg["tag"] == ["slotwise"]
+        assert cfg["custom_dataset"] == "!function utils.local_jsonl" and cfg["metadata"]["data_dir"] == "runs/data/tasks"
+        if cfg["output_type"] == "generate_until":
+            budget = defaults.gsm8k_max_new_tokens if name == "slotwise_gsm8k" else defaults.max_new_tokens
+            assert cfg["generation_kwargs"]["max_gen_toks"] == budget
+
+
+def test_task_names_do_not_shadow_lm_evals_own_tasks():
+    """An include path adds tasks; a name lm-eval already has would silently replace its own."""
+    import re
+
+    import lm_eval.tasks
+
+    builtin = set()
+    for f in Path(lm_eval.tasks.__file__).parent.rglob("*.yaml"):
+        builtin |= set(re.findall(r"^task: *['\"]?([\w.-]+)", f.read_text(errors="replace"), flags=re.M))
+    assert {"arc_easy", "gsm8k", "hellaswag", "lambada_openai", "nq_open", "triviaqa", "piqa"} <= builtin
+    ours = {load_task_yaml(f)["task"] for f in TASKS_DIR.glob("*.yaml")}
+    assert ours and not ours & builtin
 
 
 def test_hellaswag_preprocessing_matches_lm_eval():
     import datasets
     from lm_eval.tasks.hellaswag import utils as reference
 
-    spec = importlib.util.spec_from_file_location("sw_task_utils", TEMPLATES / "utils.py")
+    spec = importlib.util.spec_from_file_location("sw_task_utils", TASKS_DIR / "utils.py")
     ours = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ours)
     doc = {"ctx_a": "[header] How to make tea [title] Boil water.", "ctx_b": "then", "activity_label": "Food",
@@ -308,7 +375,7 @@ def test_fact_acquisition_batched_left_padding_matches_one_by_one(tokenizer):
 def _params(tmp_path: Path) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(
-        "evaluate:\n  limit: 2\n  limits: {gsm8k: 1}\n  batch_size: 2\n  max_new_tokens: 3\n  device: cpu\n"
+        "evaluate:\n  limit: 2\n  limits: {gsm8k: 1}\n  batch_size: 2\n  max_new_tokens: 3\n  gsm8k_max_new_tokens: 4\n  device: cpu\n"
         "  perplexity: {seq_len: 16, max_blocks: 2, batch_size: 2}\n  facts: {limit: 3, max_new_tokens: 3}\n")
     return path
 
@@ -337,6 +404,12 @@ def test_cli_writes_metrics_plots_and_params(tmp_path, tokenizer, data_dir, caps
                                         "memory_off": metrics["perplexity"]["heldout_memory_off"]},
                         "facts": {"exact_match": metrics["facts"]["exact_match"]}}
     assert metrics["arc_easy"]["n"] == 2 and metrics["gsm8k"]["n"] == 1
+    assert {"acc_stderr", "nll", "exact_match_strict_match", "exact_match_flexible_extract"} <= set(metrics["arc_easy"]) | set(metrics["gsm8k"])
+    results = json.loads((out / "lm_eval_results.json").read_text())
+    assert set(results["results"]) == {"slotwise_triviaqa", "slotwise_arc_easy", "slotwise_gsm8k_nll", "slotwise_gsm8k"}
+    assert results["results"]["slotwise_arc_easy"]["acc,none"] == metrics["arc_easy"]["acc"]
+    assert "date" not in results and "total_evaluation_time_seconds" not in results
+    assert not (out / "lm_eval_samples").exists()  # evaluate.log_samples is false by default
     ppl = metrics["perplexity"]
     assert ppl["blocks"] == 2 and ppl["heldout"] > 1 and ppl["heldout_memory_off"] > 1
     assert ppl["heldout"] != ppl["heldout_memory_off"]
@@ -379,7 +452,7 @@ def test_closed_book_qa_prompts_use_the_fact_probe_examples():
     from slotwise.facts import FEW_SHOT, PROBE
 
     for task in ("nq_open", "triviaqa"):
-        text = (TEMPLATES / f"{task}.yaml").read_text()
+        text = (TASKS_DIR / f"slotwise_{task}.yaml").read_text()
         line = next(x for x in text.splitlines() if x.startswith("doc_to_text:"))
         rendered = line.split(":", 1)[1].strip().strip('"').encode().decode("unicode_escape")
         assert rendered == PROBE.format(q="{{question}}")[: len(rendered)] == FEW_SHOT + "Question: {{question}}\nAnswer:"
@@ -390,3 +463,14 @@ def test_tasks_the_data_stage_skipped_are_left_out(tmp_path):
     p = EvaluateParams(tasks=["hellaswag", "lambada"])
     assert component.drop_skipped_tasks(p, tmp_path).tasks == ["hellaswag"]
     assert component.drop_skipped_tasks(p, tmp_path / "elsewhere").tasks == ["hellaswag", "lambada"]
+
+
+def test_lm_eval_results_and_samples_are_written_as_lm_eval_serialises_them(tmp_path, task_scores):
+    component.write_lm_eval(task_scores, tmp_path)
+    results = json.loads((tmp_path / "lm_eval_results.json").read_text())
+    assert results["results"]["slotwise_piqa"]["acc,none"] == task_scores.scores["piqa"]["acc"]
+    assert results["configs"]["slotwise_gsm8k"]["num_fewshot"] == 5
+    assert not set(results) & {"date", "total_evaluation_time_seconds", "pretty_env_info", "git_hash"}
+    assert "0x" not in (tmp_path / "lm_eval_results.json").read_text()  # no object addresses: the same bytes every run
+    rows = [json.loads(line) for line in (tmp_path / "lm_eval_samples" / "slotwise_arc_easy.jsonl").read_text().splitlines()]
+    assert [r["doc_id"] for r in rows] == [0, 1, 2] and all("resps" in r and "acc" in r for r in rows)

@@ -7,7 +7,9 @@
 
 Each updater owns its model (LoRA wraps it in a peft model: use `updater.model` afterwards) and
 has one method, `.step(batch) -> {"loss": float, ...}`, on a batch of input_ids, attention_mask and
-labels (-100 = no loss). They leave train/eval mode to the caller (the tiny test models and
+labels (-100 = no loss). LoRA (and GRIT) adapters are saved the peft way, `updater.save_adapter(dir)`:
+adapter_config.json + adapter_model.safetensors, loaded back with
+`PeftModel.from_pretrained(base_model, dir)` on the model they were trained from. They leave train/eval mode to the caller (the tiny test models and
 SmolLM2 have no dropout). On a retrofitted model, LoRA never adapts the memory's own Linear
 layers (query, gate, out_proj) unless include_memory=True.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -121,6 +124,17 @@ def add_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modu
     return get_peft_model(model, cfg)
 
 
+def save_adapter(peft_model, path: str | Path, base_model: str | None = None) -> Path:
+    """peft's save_pretrained: the adapter weights and config (not the base model) into `path`;
+    base_model (e.g. the checkpoint directory) is recorded as the config's base_model_name_or_path."""
+    if base_model is not None:
+        for cfg in peft_model.peft_config.values():
+            cfg.base_model_name_or_path = str(base_model)
+    # LoRA never trains the embeddings; "auto" would read the base's config.json to compare vocabularies
+    peft_model.save_pretrained(str(path), save_embedding_layers=False)
+    return Path(path)
+
+
 class LoraFinetuner:
     def __init__(self, model: nn.Module, cfg: LoraParams, loss_fn: LossFn = causal_lm_loss):
         self.cfg, self.loss_fn = cfg, loss_fn
@@ -131,3 +145,6 @@ class LoraFinetuner:
 
     def step(self, batch: dict) -> dict:
         return dense_step(self.model, batch, self.loss_fn, self.params, self.opt, self.cfg.max_grad_norm)
+
+    def save_adapter(self, path: str | Path, base_model: str | None = None) -> Path:
+        return save_adapter(self.model, path, base_model)

@@ -73,7 +73,7 @@ class ContinualParams:
     batch_size: int = 16  # generation / perplexity batch
     device: Device = Device.auto
     seed: int = 0
-    save_deltas: bool = True
+    save_deltas: bool = True  # SMF sparse deltas (deltas/) and LoRA / GRIT peft adapters (adapters/)
     methods: list[MethodRun] = unique(lambda: [
         MethodRun("smf_tfidf", Method.smf, SMFConfig(score="tfidf", top_t=500, optimizer="adam", lr=2e-3, count_on="answer")),
         MethodRun("smf_kl", Method.smf, SMFConfig(score="kl", top_t=500, optimizer="adam", lr=2e-3, count_on="answer")),

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from slotwise.continual.baselines import LORA_TARGETS, LossFn, add_lora, causal_lm_loss, lora_target_modules
+from slotwise.continual.baselines import LORA_TARGETS, LossFn, add_lora, causal_lm_loss, lora_target_modules, save_adapter
 from slotwise.schema import Choice, check, constrained, positive
 
 class Basis(Choice):
@@ -247,6 +247,19 @@ class GritUpdater:
             self.reproject_all()
         ranks = self.ranks()
         return {"loss": loss.item(), "ranks": ranks, "n_trainable": sum(p.numel() for p in self.params)}
+
+    def save_adapter(self, path, base_model: str | None = None):
+        """peft's save_pretrained, with each layer's current rank (rank_pattern) and an alpha that keeps
+        its scale alpha / r_initial (alpha_pattern: peft scales by alpha / r), so that
+        PeftModel.from_pretrained(base, path) rebuilds exactly this adapter."""
+        cfg = self.model.peft_config[self.adapter]
+        prefix = "base_model.model."  # peft's wrapper names; patterns match the base model's module names
+        for name, r in self.ranks().items():
+            if r != self.cfg.r:
+                key = name[len(prefix):] if name.startswith(prefix) else name
+                cfg.rank_pattern[key] = r
+                cfg.alpha_pattern[key] = self.cfg.alpha * r / self.cfg.r
+        return save_adapter(self.model, path, base_model)
 
     @torch.no_grad()
     def reproject_all(self) -> dict[str, int]:

@@ -181,11 +181,10 @@ class Probes:
                "known_em": qa_score(model, tokenizer, self.known, self.p.batch_size)["exact_match"],
                "new_facts_em": qa_score(model, tokenizer, self.new_facts, self.p.batch_size)["exact_match"]}
         if self.tasks:
-            from slotwise.evaluation.tasks import rendered_tasks, run_tasks
+            from slotwise.evaluation.tasks import run_tasks
 
-            with rendered_tasks(self.data_dir / "tasks", tasks=self.tasks) as include:
-                scores = run_tasks(model, tokenizer, self.tasks, include, {t: self.p.task_limit for t in self.tasks},
-                                   batch_size=self.p.batch_size, seed=0)
+            scores = run_tasks(model, tokenizer, self.tasks, self.data_dir / "tasks", {t: self.p.task_limit for t in self.tasks},
+                               batch_size=self.p.batch_size, seed=0)
             for task, m in scores.items():
                 out[task] = m.get("acc_norm", m.get("acc"))
         model.cpu()

@@ -162,22 +162,26 @@ class SparseMemoryFinetuner:
         return chosen
 
     @torch.no_grad()
-    def update(self, chosen: dict[str, torch.Tensor]) -> None:
-        """The optimizer step on the chosen rows of every pool, from the pool's .grad (then cleared).
-        Column by column: on a column-sharded pool it updates this rank's columns of the same rows."""
+    def update_rows(self, chosen: dict[str, torch.Tensor], lr: float | None = None) -> None:
+        """One optimizer step on rows `chosen` of each pool, from the pool's .grad (then cleared);
+        no other row, and no other row's Adam state, is written. lr: None = cfg.lr. Column by column:
+        on a column-sharded pool it updates this rank's columns of the same rows."""
         cfg = self.cfg
+        lr = cfg.lr if lr is None else lr
         for pool in self.pools:
             rows, w = chosen[pool.name], pool.weight
             if rows.numel() == 0 or w.grad is None:
+                w.grad = None
                 continue
             g = rows_of_grad(w.grad, rows)  # (R, D)
             if cfg.optimizer == "sgd":
-                kernels.sparse_sgd_(w.data, rows, g, cfg.lr)
+                kernels.sparse_sgd_(w.data, rows, g, lr)
             else:
                 s = self.state[pool.name]
-                kernels.sparse_adam_(w.data, s["exp_avg"], s["exp_avg_sq"], s["step"], rows, g, cfg.lr,
+                kernels.sparse_adam_(w.data, s["exp_avg"], s["exp_avg_sq"], s["step"], rows, g, lr,
                                      cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
             w.grad = None
+        self.n_steps += 1
 
     def step(self, batch: dict) -> dict:
         cfg = self.cfg
@@ -188,8 +192,7 @@ class SparseMemoryFinetuner:
         mask = count_mask(batch, cfg.count_on)
         chosen = self.select(self.pool_counts(lookups, mask))
         out.loss.backward()
-        self.update(chosen)
-        self.n_steps += 1
+        self.update_rows(chosen)
         by_layer = {pool.layers[0]: chosen[pool.name] for pool in self.pools}
         return {
             "loss": out.loss.item(),

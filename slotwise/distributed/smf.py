@@ -72,8 +72,7 @@ class ShardedSMF:
             dist.all_reduce(c, group=d.group)  # int64: exact, the same on every rank
         chosen = smf.select(counts)
         loss.backward()
-        smf.update(chosen)
-        smf.n_steps += 1
+        smf.update_rows(chosen)
         by_layer = {pool.layers[0]: chosen[pool.name] for pool in smf.pools}
         return {"loss": global_loss, "n_selected": {k: int(v.numel()) for k, v in by_layer.items()}, "selected": by_layer}
 

@@ -51,6 +51,9 @@ class EvaluateParams:
     max_new_tokens: int = positive(32)  # generation budget of the generate_until tasks (nq_open, triviaqa)
     device: Device = Device.auto
     dtype: Dtype = Dtype.float32
+    gsm8k_max_new_tokens: int = positive(256)  # generation budget of gsm8k's exact-match task (lm-eval's default)
+    bootstrap_iters: int = at_least(0, 1000, "an integer >= 0")  # standard errors: closed form for means, bootstrap draws otherwise; 0 = none
+    log_samples: bool = False  # also write lm-eval's per-document records (lm_eval_samples/<task>.jsonl)
     seed: int = 0
     perplexity: PerplexityParams = field(default_factory=PerplexityParams)
     facts: FactsParams = field(default_factory=FactsParams)

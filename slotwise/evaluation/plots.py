@@ -8,7 +8,7 @@ import csv
 import json
 from pathlib import Path
 
-BOUNDED = ("acc", "acc_norm", "exact_match", "f1")
+BOUNDED = ("acc", "acc_norm", "exact_match", "f1", "exact_match_strict_match", "exact_match_flexible_extract")
 
 
 def score_rows(metrics: dict) -> list[dict]:

@@ -176,3 +176,24 @@ def test_grit_on_a_retrofitted_decoder_leaves_the_memory_alone():
         if "lora_" not in n:
             key = n.removeprefix("base_model.model.").replace(".base_layer", "")
             assert torch.equal(p, base[key]), key
+
+
+def test_grit_adapter_with_shrunk_ranks_saves_and_reloads_exactly(tmp_path):
+    """After reprojection the layers have different ranks; peft's save_pretrained + from_pretrained
+    rebuild them (rank_pattern) at the same scale alpha / r_initial (alpha_pattern)."""
+    from peft import PeftModel
+
+    up = GritUpdater(retrofitted(), GritParams(r=4, alpha=8, lr=1e-2, reproject_every=3, energy=0.6))
+    batch = fact_batch()
+    for _ in range(6):
+        up.step(batch)
+    ranks = up.ranks()
+    assert min(ranks.values()) < 4
+    path = up.save_adapter(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(retrofitted(), path).eval()
+    got_ranks = {n: m.lora_A["default"].weight.shape[0] for n, m in loaded.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert got_ranks == ranks
+    with torch.no_grad():
+        want = up.model.eval()(input_ids=batch["input_ids"]).logits
+        got = loaded(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # alpha * k / r / k: alpha / r up to one rounding

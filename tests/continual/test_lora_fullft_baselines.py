@@ -65,3 +65,25 @@ def test_full_finetuning_of_a_sparse_gradient_memory_uses_dense_value_grads():
     assert losses[-1] < losses[0] - 1e-2, losses
     name = next(k for k in before if k.endswith("values.weight"))
     assert not torch.equal(model.state_dict()[name], before[name])
+
+
+def test_lora_adapter_saved_with_save_pretrained_reloads_exactly(tmp_path):
+    from peft import PeftModel
+
+    from conftest import tiny_retrofit_cfg
+    from slotwise.retrofit import retrofit
+
+    up = LoraFinetuner(retrofitted("qwen2"), LoraParams(r=4, alpha=8, lr=1e-2))
+    _losses(up, steps=3)
+    path = up.save_adapter(tmp_path / "adapter", base_model="runs/train")
+    assert {p.name for p in path.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    config = __import__("json").loads((path / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "runs/train" and config["r"] == 4
+    fresh = retrofitted("qwen2")  # the same start model, built again
+    loaded = PeftModel.from_pretrained(fresh, path).eval()
+    batch = fact_batch()
+    with torch.no_grad():
+        want = up.model.eval()(input_ids=batch["input_ids"]).logits
+        got = loaded(input_ids=batch["input_ids"]).logits
+        plain = retrofitted("qwen2")(input_ids=batch["input_ids"]).logits
+    assert torch.equal(got, want) and not torch.allclose(got, plain)

@@ -1,11 +1,30 @@
 """Functions the task YAMLs next to this file name with `!function utils.<name>`.
 
-slotwise.evaluation.tasks copies this file beside the rendered YAMLs at run time; lm-eval imports
-it by path, so the logic lives in importable slotwise modules and this file only points at them.
+lm-eval imports this file by path (from --include_path), so the logic lives in importable
+slotwise modules and this file only points at them.
 """
+import json
 import re
+from pathlib import Path
 
 from slotwise.qa_metrics import exact_match, f1, first_line
+
+
+def local_jsonl(file: str, data_dir: str = "runs/data/tasks", **_metadata):
+    """custom_dataset: <data_dir>/<file> (the data stage's normalised task file) as the test split.
+
+    data_dir comes from the task's metadata: the YAML's default, or lm-eval's
+    `--metadata '{"data_dir": "..."}'` / TaskManager(metadata=...) (the evaluate stage's).
+    """
+    import datasets
+
+    path = Path(data_dir) / file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: task data not found; run the data stage, or point at its tasks/ folder with "
+                                "--metadata '{\"data_dir\": \"<data stage output>/tasks\"}'")
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
 def _hellaswag_clean(text: str) -> str:
