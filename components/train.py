@@ -8,7 +8,9 @@ heal      memory parameters train on the background corpus (base frozen), early-
           held-out text; the summary reports perplexity with memory on and off, slot coverage,
           effective slots and median document frequency on held-out batches
 sft       prompt/answer pairs (train.sft_data, e.g. GSM8K train) with the loss on the answers
-pretrain  a fresh Llama-style model (train.pretrain), --model gives only the tokenizer
+pretrain  a fresh Llama-style model (train.pretrain), --model gives only the tokenizer: with
+          product-key memory, Mixture of Chapters (retrofit.insert.memory.kind=chapters) or dense
+          at the same FLOPs per token (train.pretrain.variant=dense)
 
 Killed at any point and rerun with the same --state, it resumes and ends with the same weights.
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from slotwise.chapters import chapter_flops_per_token
 from slotwise.checkpoint import load_checkpoint, model_hash, read_retrofit_config, save_checkpoint, sha256_file
 from slotwise.cli_utils import component_parser, resolve_device, run_cli
 from slotwise.config import ConfigError, Params, load_params, to_yaml
@@ -39,18 +42,37 @@ log = logging.getLogger("slotwise.train")
 
 
 def memory_flops_per_token(d: int, m: MemoryConfig) -> int:
-    """Multiply-adds per token of one memory layer (query, sub-key scores, candidates, values, gate, out)."""
+    """Multiply-adds per token of one memory layer of either kind.
+
+    product_key: query d*H*K + sub-key scores H*n_keys*K + candidates H*knn^2 + values H*knn*v
+                 + gate d*v (Memory+) + out v*d
+    chapters:    slotwise.chapters.chapter_flops_per_token (query, per-chapter attention, out, router)
+    """
+    if m.kind == "chapters":
+        return chapter_flops_per_token(d, m)
     v = m.v_dim or d
     return d * m.heads * m.k_dim + m.heads * m.n_keys * m.k_dim + m.heads * m.knn**2 + m.heads * m.knn * v + (d * v if m.memory_plus else 0) + v * d
 
 
+def iso_flop_intermediate(d: int, num_layers: int, intermediate: int, n_memory_layers: int, memory_flops: int) -> int:
+    """The dense FFN width with the FLOPs per token of the model with memory.
+
+    A SwiGLU FFN costs 3*d*I multiply-adds per token and layer, so widening every layer's FFN by
+    dI adds 3*d*dI*num_layers; matching n_memory_layers * memory_flops gives
+        I_dense = I + round(n_memory_layers * memory_flops / (3 * d * num_layers)).
+    (Self-attention, embeddings and the LM head are the same in both models.)
+    """
+    return intermediate + round(n_memory_layers * memory_flops / (3 * d * num_layers))
+
+
 def pretrain_model(params: Params, vocab_size: int, bos: int, eos: int):
-    """A fresh model: memory variant, or dense with the FFN widened to the same FLOPs per token."""
+    """A fresh model: memory variant (retrofit.insert.memory: product_key or chapters), or dense with the
+    FFN widened to that memory's FLOPs per token (iso_flop_intermediate)."""
     pp, mem = params.train.pretrain, params.retrofit.insert.memory
     intermediate = pp.intermediate_size
     if pp.variant == "dense":
-        extra = len(pp.memory_layers) * memory_flops_per_token(pp.hidden_size, mem)
-        intermediate += round(extra / (3 * pp.hidden_size * pp.num_layers))
+        intermediate = iso_flop_intermediate(pp.hidden_size, pp.num_layers, intermediate, len(pp.memory_layers),
+                                             memory_flops_per_token(pp.hidden_size, mem))
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=pp.hidden_size, intermediate_size=intermediate,
                          num_hidden_layers=pp.num_layers, num_attention_heads=pp.num_heads,
                          num_key_value_heads=pp.num_kv_heads, max_position_embeddings=max(2048, params.train.seq_len),

@@ -15,7 +15,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from slotwise.chapters import check_chapter_config
 from slotwise.evaluation.params import EvaluateParams, check_evaluate_params
+from slotwise.memory import KINDS
 from slotwise.models import DEFAULT_MODEL
 from slotwise.continual.experiment import ContinualParams
 from slotwise.optim import SCHEDULES
@@ -75,7 +77,7 @@ class DataParams:
 @dataclass
 class PretrainParams:
     """A small Llama-style model trained from scratch: with memory, or dense at the same FLOPs."""
-    variant: str = "memory"  # memory | dense (iso-FLOP: the FFN grows to match the memory's FLOPs)
+    variant: str = "memory"  # memory (retrofit.insert.memory, either kind) | dense (iso-FLOP: the FFN grows to match that memory's FLOPs)
     hidden_size: int = 256
     num_layers: int = 6
     num_heads: int = 4
@@ -246,6 +248,14 @@ def _check(params: Params, where: str) -> None:
     if r.insert.mode not in MODES:
         raise ConfigError(f"{where}: key 'retrofit.insert.mode': expected one of {MODES}, got {r.insert.mode!r}")
     m = r.insert.memory
+    if m.kind not in KINDS:
+        raise ConfigError(f"{where}: key 'retrofit.insert.memory.kind': expected one of {KINDS}, got {m.kind!r}")
+    if m.kind == "chapters":
+        try:
+            check_chapter_config(m)
+        except ValueError as exc:
+            key, msg = str(exc).split(": ", 1)
+            raise ConfigError(f"{where}: key 'retrofit.insert.{key}': {msg}") from None
     for key in ("n_keys", "heads", "knn", "k_dim"):
         if getattr(m, key) <= 0:
             raise ConfigError(f"{where}: key 'retrofit.insert.memory.{key}': expected a positive integer, got {getattr(m, key)}")

@@ -14,7 +14,7 @@ The lookups run through slotwise.kernels (Triton on GPU, the PyTorch reference e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -24,8 +24,33 @@ import torch.nn.functional as F
 from slotwise import kernels
 
 
+ROUTINGS = ("causal_chunks", "sequence")
+KINDS = ("product_key", "chapters")
+
+
+@dataclass
+class ChapterConfig:
+    """Mixture of Chapters (slotwise.chapters): a bank of latent memory tokens cut into chapters.
+
+    The layer also reads these MemoryConfig fields: heads (attention heads), shared_values (one
+    bank for every memory layer), sparse_grad, value_init_std (bank init; None = 1.0) and
+    out_init_std (output projection init; 0 = the retrofit leaves the model exactly unchanged).
+    """
+    n_chapters: int = 64  # routed chapters; the shared chapter is one more
+    chapter_tokens: int = 64  # memory tokens per chapter
+    top_c: int = 4  # routed chapters read per chunk
+    shared_chapter: bool = True  # one chapter every token reads (the first chunk reads only it)
+    routing: str = "causal_chunks"  # causal_chunks | sequence (the paper's: LEAKY, sees future tokens)
+    chunk_len: int = 32  # causal_chunks: chunk c is routed from the mean hidden state of positions < c * chunk_len
+    dim: int | None = None  # width of a memory token; None = hidden size // heads
+    access_k: int = 8  # memory tokens recorded per (token, head) as accesses (slot statistics, SMF)
+    balance_weight: float = 0.01  # Switch load-balance loss
+    z_weight: float = 0.001  # router z-loss
+
+
 @dataclass
 class MemoryConfig:
+    kind: str = "product_key"  # product_key | chapters (Mixture of Chapters, slotwise.chapters)
     n_keys: int = 128  # sub-keys per half: N = n_keys**2 slots
     heads: int = 4
     knn: int = 16  # slots read per head and token
@@ -37,6 +62,7 @@ class MemoryConfig:
     sparse_grad: bool = False  # values get sparse gradients (for SparseAdam on ~1M-row pools)
     value_init_std: float | None = None  # None = v_dim ** -0.5
     out_init_std: float = 0.0  # W2 init; 0 makes a retrofit exactly the base model
+    chapters: ChapterConfig = field(default_factory=ChapterConfig)  # kind: chapters
 
 
 class MemoryOutput(NamedTuple):
