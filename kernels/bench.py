@@ -1,11 +1,13 @@
 """Benchmark the memory kernels against the PyTorch reference path and the memory-bandwidth floor.
 
-    python -m slotwise.kernels.bench [--json bench.json] [--quick] [--cases 1m-576,1m-1024,retrofit-896]
+    python -m slotwise.kernels.bench [--json bench.json] [--quick] [--cases 1m-576,1m-1024,retrofit-896,moc-paper]
 
 On CUDA, in one process: measures device copy bandwidth (the floor = bytes an op must move /
 that bandwidth), then for each case times every op and the whole memory layer
 (query projection -> pk_topk -> softmax -> weighted_bag -> backward -> sparse Adam on the touched
 rows) on the reference path and on the Triton path; prints a table and writes JSON.
+The moc-* cases time routed chapter cross-attention (bench_chapters.py: reference vs Triton vs
+scaled_dot_product_attention on the gathered chapters, forward and backward).
 Without CUDA it says so and exits 0; with --quick it first runs a tiny interpreted smoke check.
 """
 from __future__ import annotations
@@ -18,6 +20,8 @@ import sys
 import time
 
 import torch
+
+from .bench_chapters import CHAPTER_CASES, bench_chapter_case, print_chapter_table
 
 # (tokens, heads, knn, n_keys, D, k_dim, d_model): the issue's shapes; N = n_keys**2 slots
 CASES = {
@@ -186,6 +190,9 @@ def smoke_check() -> list[dict]:
     checks.append(("bag backward", all(torch.allclose(a.float(), b.float(), atol=1e-5) for a, b in zip(got, ref))))
     counts, _ = slot_histogram(ids, n_keys * n_keys, backend="triton")
     checks.append(("histogram", torch.equal(counts, slot_histogram_reference(ids, n_keys * n_keys)[0])))
+    from .bench_chapters import smoke_check_chapters
+
+    checks += smoke_check_chapters()
     for name, ok in checks:
         print(f"  smoke {name:14s} {'ok' if ok else 'MISMATCH'}")
     return [dict(check=n, ok=bool(ok)) for n, ok in checks]
@@ -195,7 +202,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default="bench_out/kernels_bench.json", help="where to write the results")
     p.add_argument("--quick", action="store_true", help="one case, fewer repetitions (CPU: interpreted smoke check)")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {list(CASES)}")
+    p.add_argument("--cases", default=",".join([*CASES, *CHAPTER_CASES]),
+                   help=f"comma-separated, from {list(CASES) + list(CHAPTER_CASES)}")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = p.parse_args(argv)
     meta = dict(torch=torch.__version__, python=platform.python_version(), argv=sys.argv[1:])
@@ -214,13 +222,20 @@ def main(argv=None) -> int:
     bench = _timer("cuda")
     bw = copy_bandwidth("cuda", bench)
     results: list[dict] = []
+    chapter_rows: list[dict] = []
     labels = args.cases.split(",")[:1] if args.quick else args.cases.split(",")
     for label in labels:
         print(f"case {label} ...", flush=True)
-        bench_case(label, CASES[label], "cuda", dtype, bench, bw, results)
+        if label in CHAPTER_CASES:
+            chapter_rows += bench_chapter_case(label, CHAPTER_CASES[label], "cuda", dtype, bench)
+        else:
+            bench_case(label, CASES[label], "cuda", dtype, bench, bw, results)
         torch.cuda.empty_cache()
-    print_table(results, bw)
-    _write(args.json, dict(meta, copy_bandwidth_bytes_s=bw, results=results))
+    if results:
+        print_table(results, bw)
+    if chapter_rows:
+        print_chapter_table(chapter_rows)
+    _write(args.json, dict(meta, copy_bandwidth_bytes_s=bw, results=results, chapter_attention=chapter_rows))
     return 0
 
 

@@ -342,3 +342,55 @@ def test_slot_statistics_and_smf_apply_to_the_bank():
     rows = out["selected"][1]
     changed = (bank.detach() != before).any(1).nonzero().squeeze(1)
     assert 0 < rows.numel() <= 4 and set(changed.tolist()) <= set(rows.tolist()) and changed.numel() > 0
+
+
+# ----------------------------------------------------------------------------- pretraining from scratch
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    """background/{train,heldout,stats}.jsonl: a few hundred words of plain sentences."""
+    import json
+
+    words = "the river flows past the old mill where a miller grinds wheat into flour for the town bakery".split()
+    g = torch.Generator().manual_seed(0)
+    docs = [" ".join(words[i] for i in torch.randint(0, len(words), (120,), generator=g).tolist()) + "." for _ in range(16)]
+    root = tmp_path_factory.mktemp("data")
+    (root / "background").mkdir()
+    for name, part in (("heldout", docs[:3]), ("stats", docs[3:6]), ("train", docs[6:])):
+        (root / "background" / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    return root
+
+
+@pytest.mark.parametrize("variant", ["memory", "dense"])
+def test_pretrain_chapters_vs_iso_flop_dense(tmp_path, text_data, variant):
+    from slotwise.components import train as train_component
+    from slotwise.config import load_params
+
+    params = tmp_path / "params.yaml"
+    params.write_text(f"""
+train:
+  mode: pretrain
+  seq_len: 16
+  batch_size: 2
+  eval_batches: 1
+  report_batches: 1
+  loop: {{max_steps: 3, eval_every: 3, save_every: 3, early_stop_patience: null, balance_weight: 1.0, optim: {{warmup_steps: 1}}}}
+  pretrain: {{variant: {variant}, hidden_size: 32, num_layers: 2, num_heads: 4, num_kv_heads: 2, intermediate_size: 64, memory_layers: [1]}}
+retrofit:
+  insert:
+    memory: {{kind: chapters, heads: 2, chapters: {{n_chapters: 6, chapter_tokens: 5, top_c: 2, chunk_len: 4, access_k: 2}}}}
+""")
+    args = ["--params", str(params), "--model", "embedded:smollm2-135m-instruct", "--data", str(text_data), "--out", str(tmp_path / "out")]
+    assert train_component.main(args) == 0
+    model, _ = load_checkpoint(tmp_path / "out")
+    flops = train_component.memory_flops_per_token(32, load_params(params).retrofit.insert.memory)
+    # worked out: query 32*2*16 + attention 2*2*16*(2+1)*5 + out 2*16*32 + router 32*6 // 4
+    assert flops == 1024 + 960 + 1024 + 48
+    if variant == "dense":
+        assert model.config.intermediate_size == 64 + 16 and not memory_layers(model)  # 3056 / (3*32*2) = 15.9
+    else:
+        mem = memory_layers(model)[1]
+        assert isinstance(mem, ChapterMemory) and mem.values.weight.shape == (7 * 5, 16)
+        history = (tmp_path / "out" / "history.json").read_text()
+        assert '"balance"' in history  # the router's aux losses were trained
