@@ -38,6 +38,8 @@ def test_chapter_attention_matches_reference(dtype, chunk_len):
         out = kernels.chapter_attention(q, bank, bank, offsets, chapters, w, CT, max_seg_len=chunk_len, backend=backend)
         out.backward(grad)
         results.append((out, q.grad, bank.grad, w.grad))
-    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
-    for got, want in zip(*results):
-        torch.testing.assert_close(got.float(), want.float(), **tol)
+    # relative RMS error (the kernel rounds probabilities to bf16 before its dots; the reference does not)
+    limit = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for got, want, name in zip(*results, ["out", "q", "bank", "weights"]):
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        assert err < limit, f"{name}: relative RMS error {err:.2e}"
