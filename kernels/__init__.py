@@ -10,9 +10,10 @@ Public ops (every one takes backend="auto" | "triton" | "torch", see _dispatch.p
   weighted_bag_backward_sgd_/_adam_    that backward fused with the optimizer step on the rows
   slot_histogram(ids, n_slots, mask)   per-slot access counts and per-batch presence
   sparse_sgd_(...), sparse_adam_(...)  optimizer steps that touch only the given rows
-  chapter_attention(q, keys, values,   routed chapter cross-attention (Mixture of Chapters): one
-      offsets, chapters, weights, CT)  softmax per chapter read straight from the bank, outputs
-                                       mixed by router weights; gradients to q, bank rows, weights
+  chapter_cross_attention(q, keys,     routed chapter cross-attention (Mixture of Chapters): one
+      values, offsets, chapters,       softmax per chapter read straight from the bank, outputs
+      weights, CT)                     mixed by router weights; gradients to q, bank rows, weights
+                                       (not named chapter_attention: that is its Triton module)
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ __all__ = [
     "slot_histogram",
     "sparse_sgd_",
     "sparse_adam_",
-    "chapter_attention",
+    "chapter_cross_attention",
     "chapter_attention_reference",
     "chapter_accesses",
     "pk_topk_reference",
@@ -158,7 +159,7 @@ def sparse_adam_(table, exp_avg, exp_avg_sq, step, rows, grads, lr, beta1=0.9, b
     return sparse_adam_reference(table, exp_avg, exp_avg_sq, step, rows, grads, lr, beta1, beta2, eps, weight_decay)
 
 
-def chapter_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+def chapter_cross_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                       chapters: torch.Tensor, weights: torch.Tensor, chapter_tokens: int, scale: float | None = None,
                       max_seg_len: int | None = None, sparse_grad: bool = False, backend: str = "auto") -> torch.Tensor:
     """q (T, H, M), keys/values (N, M) bank rows (may be one tensor), offsets (R + 1,) token segments,

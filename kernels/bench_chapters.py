@@ -55,7 +55,7 @@ def sdpa_gathered(q, bank, chapters, weights, CT: int, L: int) -> torch.Tensor:
 
 
 def bench_chapter_case(label: str, case, device: str, dtype, bench) -> list[dict]:
-    from . import chapter_attention
+    from . import chapter_cross_attention
     from .chapter_attention_reference import chapter_attention_reference
 
     s = _setup(case, device, dtype)
@@ -64,7 +64,7 @@ def bench_chapter_case(label: str, case, device: str, dtype, bench) -> list[dict
     shape = f"T{B * S} L{L} H{H} M{M} N{(n_ch + 1) * CT} read{top_c}+1x{CT} {str(dtype).removeprefix('torch.')}"
     fns = {
         "reference": lambda q, b, w: chapter_attention_reference(q, b, b, off, ch, w, CT),
-        "triton": lambda q, b, w: chapter_attention(q, b, b, off, ch, w, CT, max_seg_len=L, backend="triton"),
+        "triton": lambda q, b, w: chapter_cross_attention(q, b, b, off, ch, w, CT, max_seg_len=L, backend="triton"),
         "sdpa (gathered)": lambda q, b, w: sdpa_gathered(q, b, ch, w, CT, L),
     }
     rows = []
@@ -97,12 +97,12 @@ def print_chapter_table(rows: list[dict]) -> None:
 
 def smoke_check_chapters() -> list[tuple[str, bool]]:
     """Tiny interpreted run against the reference (CPU, seconds)."""
-    from . import chapter_attention
+    from . import chapter_cross_attention
     from .chapter_attention_reference import chapter_attention_reference
 
     s = _setup((2, 12, 4, 3, 16, 6, 5, 2), "cpu", torch.float32)
     args = (s["offsets"], s["chapters"], s["weights"], s["CT"])
-    got = chapter_attention(s["q"], s["bank"], s["bank"], *args, backend="triton")
+    got = chapter_cross_attention(s["q"], s["bank"], s["bank"], *args, backend="triton")
     want = chapter_attention_reference(s["q"], s["bank"], s["bank"], *args)
     sd = sdpa_gathered(s["q"], s["bank"], s["chapters"], s["weights"], s["CT"], s["L"])
     return [("chapter attention", torch.allclose(got, want, atol=1e-5)), ("chapter sdpa", torch.allclose(sd, want, atol=1e-5))]

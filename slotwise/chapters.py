@@ -8,7 +8,7 @@ cut into chapters of consecutive rows (the shared chapter is the last one). A me
          chapter, weight 1)                                    chapters, weights (R, C)
       -> query projection                                       q (B*S, H, M)
       -> per chapter a softmax over its CT memory tokens, read straight from the bank, the
-         chapter outputs mixed by the weights (kernels.chapter_attention)       (B*S, H, M)
+         chapter outputs mixed by the weights (kernels.chapter_cross_attention) (B*S, H, M)
       -> output projection (zero-initialised for a retrofit)   out (B, S, d)
 
 Keys and values are the bank rows themselves; each layer's query and output projections absorb
@@ -195,7 +195,7 @@ class ChapterMemory(nn.Module):
             cache.n, cache.total, cache.boundary = r.state.n, r.state.total, r.state.boundary
         bank = self.values.weight
         q = self.query(x).view(B * S, self.cfg.heads, -1)  # (T, H, M)
-        y = kernels.chapter_attention(q, bank, bank, r.offsets, r.chapters, r.weights, c.chapter_tokens,
+        y = kernels.chapter_cross_attention(q, bank, bank, r.offsets, r.chapters, r.weights, c.chapter_tokens,
                                       max_seg_len=r.max_seg_len, sparse_grad=self.cfg.sparse_grad)  # (T, H, M)
         out = self.out_proj(y.reshape(B, S, -1).to(x.dtype))
         ids, mass = kernels.chapter_accesses(q.detach(), bank.detach(), r.offsets, r.chapters, r.weights.detach(),

@@ -35,7 +35,7 @@ def test_chapter_attention_matches_reference(dtype, chunk_len):
     results = []
     for backend in ("triton", "torch"):
         q, bank, w = (t.detach().clone().requires_grad_() for t in (q0, bank0, weights))
-        out = kernels.chapter_attention(q, bank, bank, offsets, chapters, w, CT, max_seg_len=chunk_len, backend=backend)
+        out = kernels.chapter_cross_attention(q, bank, bank, offsets, chapters, w, CT, max_seg_len=chunk_len, backend=backend)
         out.backward(grad)
         results.append((out, q.grad, bank.grad, w.grad))
     # relative RMS error (the kernel rounds probabilities to bf16 before its dots; the reference does not)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from _kernel_fixtures import close, device, poison_outputs  # noqa: F401  (pytest fixtures)
 
-from slotwise.kernels import chapter_attention
+from slotwise.kernels import chapter_cross_attention
 from slotwise.kernels.chapter_attention_reference import chapter_attention_reference
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -51,7 +51,7 @@ def _run(backend, q, keys, values, offsets, chapters, weights, grad, CT, sparse=
     k = keys.clone().requires_grad_()
     v = values.clone().requires_grad_() if values is not None else k
     w = weights.clone().requires_grad_()
-    out = chapter_attention(q, k, v, offsets, chapters, w, CT, backend=backend, sparse_grad=sparse)
+    out = chapter_cross_attention(q, k, v, offsets, chapters, w, CT, backend=backend, sparse_grad=sparse)
     out.backward(grad.to(out.dtype))
     grads = [q.grad, k.grad] + ([v.grad] if values is not None else []) + [w.grad]
     return out, grads
@@ -88,7 +88,7 @@ def test_sparse_bank_gradient_holds_only_the_chapters_read(device, close):
 def test_only_query_gradient(device, close):
     q, keys, _, offsets, chapters, weights, grad, CT = _inputs(SHAPES[0], torch.float32, device, seed=2)
     qq = q.clone().requires_grad_()
-    chapter_attention(qq, keys, keys, offsets, chapters, weights, CT, backend="triton").backward(grad)
+    chapter_cross_attention(qq, keys, keys, offsets, chapters, weights, CT, backend="triton").backward(grad)
     qr = q.clone().requires_grad_()
     chapter_attention_reference(qr, keys, keys, offsets, chapters, weights, CT).backward(grad)
     close(qq.grad, qr.grad)
@@ -99,7 +99,7 @@ def test_matches_scaled_dot_product_attention_per_chapter(device, close):
     q, keys, _, offsets, chapters, _, _, CT = _inputs(SHAPES[1], torch.float32, device, seed=3)
     chapters = chapters[:, :1].contiguous()
     weights = torch.ones(chapters.shape, device=q.device)
-    out = chapter_attention(q, keys, keys, offsets, chapters, weights, CT, backend="triton")
+    out = chapter_cross_attention(q, keys, keys, offsets, chapters, weights, CT, backend="triton")
     for r in range(chapters.shape[0]):
         a, b = int(offsets[r]), int(offsets[r + 1])
         kv = keys[int(chapters[r, 0]) * CT:(int(chapters[r, 0]) + 1) * CT]
