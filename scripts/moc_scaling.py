@@ -5,7 +5,8 @@
 A small Llama (d 256, 4 layers, vocab 4096, random tokens, batch 8 x 128) with one chapter layer
 (layer 2: chapters of 64 tokens, top-4 + the shared chapter, 4 heads of 64) trains for a few steps
 at each bank size (memory tokens = (n_chapters + 1) * 64), with dense Adam on the bank and with
-sparse bank gradients + SparseAdam. Each (size, optimizer) runs in its own process so the peak
+sparse bank gradients + SparseAdam; then the chapter layer alone, forward + backward. Times are
+wall clock and process CPU time (less sensitive to other processes on a shared machine). Each (size, optimizer) runs in its own process so the peak
 resident memory (ru_maxrss) is its own. Writes scaling.json and scaling.png under --out.
 Runs the kernels' reference path on CPU and the Triton kernel on CUDA (slotwise.kernels dispatch).
 """
@@ -45,10 +46,11 @@ def one_run(bank_tokens: int, sparse: bool, steps: int, seed: int = 0) -> dict:
     model.to(device).train()
     opts = build_optimizers(model, trainable_groups(model, "all"), OptimParams(lr_values=1e-3, lr_memory=1e-3, lr_base=1e-3))
     g = torch.Generator().manual_seed(seed)
-    times, fwd_times = [], []
+    times, fwd_times, cpu_times = [], [], []
     for step in range(steps + 2):  # two warm-up steps
         ids = torch.randint(0, 4096, (8, 128), generator=g).to(device)
         batch = {"input_ids": ids, "labels": ids}
+        c0 = time.process_time()
         t0 = time.perf_counter()
         loss, _ = lm_loss(model, batch, 1.0)
         t1 = time.perf_counter()
@@ -62,13 +64,23 @@ def one_run(bank_tokens: int, sparse: bool, steps: int, seed: int = 0) -> dict:
         if step >= 2:
             times.append(time.perf_counter() - t0)
             fwd_times.append(t1 - t0)
-    bank = model.model.layers[2].mlp.memory.values.weight
+            cpu_times.append(time.process_time() - c0)
+    layer = model.model.layers[2].mlp.memory
+    x = torch.randn(8, 128, 256, generator=g).to(device)
+    layer_times = []
+    for i in range(steps + 1):  # the memory layer alone, forward + backward
+        c0 = time.process_time()
+        layer(x).out.sum().backward()
+        if i:
+            layer_times.append(time.process_time() - c0)
+    bank = layer.values.weight
     return {
         "bank_tokens": bank_tokens, "n_chapters": n_chapters, "sparse_grad": sparse, "device": device,
         "tokens_read_per_token": 5 * CHAPTER_TOKENS, "bank_params": bank.numel(),
         "total_params": sum(p.numel() for p in model.parameters()),
         "step_s_median": statistics.median(times), "step_s_min": min(times),
         "forward_s_median": statistics.median(fwd_times), "steps": steps,
+        "step_cpu_s_median": statistics.median(cpu_times), "memory_layer_fwd_bwd_cpu_s_median": statistics.median(layer_times),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
     }
@@ -84,10 +96,10 @@ def plot(rows: list[dict], path: Path) -> None:
     for sparse, label in ((False, "dense Adam"), (True, "sparse grad + SparseAdam")):
         rs = sorted((r for r in rows if r["sparse_grad"] == sparse), key=lambda r: r["bank_tokens"])
         x = [r["bank_tokens"] for r in rs]
-        a.plot(x, [r["step_s_median"] for r in rs], "o-", label=f"{label}: step")
-        a.plot(x, [r["forward_s_median"] for r in rs], "x--", label=f"{label}: forward")
+        a.plot(x, [r["step_cpu_s_median"] for r in rs], "o-", label=f"{label}: training step")
+        a.plot(x, [r["memory_layer_fwd_bwd_cpu_s_median"] for r in rs], "x--", label=f"{label}: memory layer fwd+bwd")
         b.plot(x, [r["peak_rss_mb"] for r in rs], "o-", label=label)
-    for ax, ylabel in ((a, "seconds"), (b, "peak RSS (MB)")):
+    for ax, ylabel in ((a, "CPU seconds (process time)"), (b, "peak RSS (MB)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("memory tokens in the bank (top-4 + shared of 64 read)")
         ax.set_ylabel(ylabel)
@@ -119,8 +131,9 @@ def main() -> int:
                                  capture_output=True, text=True, check=True)
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"bank {size:>7} sparse={sparse}: step {r['step_s_median']:.3f} s  forward {r['forward_s_median']:.3f} s  "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+            print(f"bank {size:>7} sparse={sparse}: step {r['step_s_median']:.3f} s ({r['step_cpu_s_median']:.3f} CPU s)  "
+                  f"memory layer fwd+bwd {r['memory_layer_fwd_bwd_cpu_s_median']:.3f} CPU s  peak RSS {r['peak_rss_mb']:.0f} MB",
+                  flush=True)
     meta = {"torch": torch.__version__, "argv": sys.argv[1:], "cpu_count": __import__("os").cpu_count()}
     (out / "scaling.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
     plot(rows, out / "scaling.png")
