@@ -37,8 +37,9 @@ returned as MemoryOutput.balance (train.loop.balance_weight multiplies it: set i
 Decoding with a KV cache: the state a layer needs to route later tokens (the running sum of its
 inputs, the sum up to the current chunk boundary, the positions seen) travels on the HF cache
 object next to the keys and values (RoutingContext, hooks on the decoder), so model.generate()
-routes exactly as a full forward does. Positions are tensor positions: left padding shifts the
-chunks and pads enter the means. Greedy decoding only (the state is not reordered for beams).
+routes exactly as a full forward does. The decoder's 2-d attention mask reaches the layers the
+same way: positions count real tokens and pads stay out of the means, so a left-padded row routes
+like the row alone. Greedy decoding only (the state is not reordered for beams).
 
 The layer returns MemoryOutput(out, ids, weights, balance) like ProductKeyMemory: ids (B, S, H, k)
 are the k bank rows each (token, head) drew most attention mass from, weights that mass, so slot
@@ -96,8 +97,9 @@ def new_bank(cfg: MemoryConfig, hidden: int) -> ValuePool:
 class RoutingCache:
     """What a layer has seen of the sequences it is decoding: positions, input sums (B, d) fp32."""
     n: int = 0
-    total: torch.Tensor | None = None  # sum over every position seen
-    boundary: torch.Tensor | None = None  # sum over positions < (n // chunk_len) * chunk_len
+    total: torch.Tensor | None = None  # sum over every (real) position seen
+    boundary: torch.Tensor | None = None  # sum over (real) positions < (n_real // chunk_len) * chunk_len
+    n_real: torch.Tensor | None = None  # (B,) real tokens seen per row, once padding was seen (None: all n)
 
 
 class Route(NamedTuple):
@@ -117,8 +119,31 @@ def router_losses(logits: torch.Tensor, chosen: torch.Tensor, n_chapters: int) -
     return n_chapters * (f * p_mean).sum(), logits.logsumexp(-1).pow(2).mean()
 
 
-def route(x: torch.Tensor, router: nn.Linear, cfg: MemoryConfig, cache: RoutingCache | None = None) -> Route:
-    """x (B, S, d): the S tokens after the cache.n seen (0 without a cache) -> their Route."""
+def _assemble(pooled: torch.Tensor, routed: torch.Tensor, offsets: torch.Tensor, max_seg_len: int, state: RoutingCache,
+              router: nn.Linear, cfg: MemoryConfig) -> Route:
+    """pooled (R, d) routing inputs, routed (R,) bool (False: shared chapter only) -> the Route."""
+    c = cfg.chapters
+    R = pooled.shape[0]
+    logits = router(pooled.to(router.weight.dtype)).float()  # (R, n)
+    probs, chosen = logits.softmax(-1).topk(c.top_c, dim=-1)  # (R, top_c)
+    keep = routed[:, None]
+    chapters = torch.where(keep, chosen, -1)
+    w = torch.where(keep, probs / probs.sum(-1, keepdim=True), 0.0)
+    if c.shared_chapter:
+        chapters = torch.cat([torch.full((R, 1), c.n_chapters, device=pooled.device, dtype=torch.long), chapters], -1)
+        w = torch.cat([torch.ones(R, 1, device=pooled.device), w], -1)
+    return Route(offsets, chapters, w, logits[routed], chosen[routed], max_seg_len, state)
+
+
+def route(x: torch.Tensor, router: nn.Linear, cfg: MemoryConfig, cache: RoutingCache | None = None,
+          mask: torch.Tensor | None = None) -> Route:
+    """x (B, S, d): the S tokens after the cache.n seen (0 without a cache) -> their Route.
+
+    mask (B, S) (False = padding): pads read only the shared chapter and are left out of every
+    mean, and positions count real tokens only, so a left-padded row routes like the row alone.
+    """
+    if (mask is not None and not bool(mask.all())) or (cache is not None and cache.n_real is not None):
+        return _route_padded(x, router, cfg, cache, mask)
     c = cfg.chapters
     B, S, _ = x.shape
     n0 = cache.n if cache is not None else 0
@@ -129,7 +154,7 @@ def route(x: torch.Tensor, router: nn.Linear, cfg: MemoryConfig, cache: RoutingC
     L = c.chunk_len
     if c.routing == "sequence":
         starts, pooled, routed = [0], (cums[:, -1] / (n0 + S))[:, None], [True]  # LEAKY: the whole sequence
-        cb = 0
+        state = RoutingCache(n0 + S, cums[:, -1], None)
     else:
         chunks = range(n0 // L, (n0 + S - 1) // L + 1)
         starts = [max(ch * L - n0, 0) for ch in chunks]
@@ -137,26 +162,59 @@ def route(x: torch.Tensor, router: nn.Linear, cfg: MemoryConfig, cache: RoutingC
         pooled = torch.stack(sums, 1) / torch.tensor([max(ch * L, 1) for ch in chunks], device=x.device)[:, None]
         routed = [ch >= 1 for ch in chunks]
         cb = ((n0 + S) // L) * L
+        state = RoutingCache(n0 + S, cums[:, -1], boundary0 if cb <= n0 else cums[:, cb - n0 - 1])
     K = len(starts)
-    ends = starts[1:] + [S]
     offsets = torch.cat([(torch.arange(B, device=x.device)[:, None] * S + torch.tensor(starts, device=x.device)).reshape(-1),
                          torch.tensor([B * S], device=x.device)])
-    logits = router(pooled.to(router.weight.dtype)).float()  # (B, K, n)
-    probs, chosen = logits.softmax(-1).topk(c.top_c, dim=-1)  # (B, K, top_c)
-    w = probs / probs.sum(-1, keepdim=True)
-    keep = torch.tensor(routed, device=x.device)[None, :, None]  # (1, K, 1)
-    chapters = torch.where(keep, chosen, -1)
-    w = torch.where(keep, w, 0.0)
-    if c.shared_chapter:
-        chapters = torch.cat([torch.full((B, K, 1), c.n_chapters, device=x.device, dtype=torch.long), chapters], -1)
-        w = torch.cat([torch.ones(B, K, 1, device=x.device), w], -1)
-    mask = keep.reshape(K).expand(B, K)
-    if c.routing == "sequence":
-        state = RoutingCache(n0 + S, cums[:, -1], None)
-    else:
-        state = RoutingCache(n0 + S, cums[:, -1], boundary0 if cb <= n0 else cums[:, cb - n0 - 1])
-    return Route(offsets, chapters.reshape(B * K, -1), w.reshape(B * K, -1), logits[mask], chosen[mask],
-                 max(e - s for s, e in zip(starts, ends)), state)
+    max_len = max(e - s for s, e in zip(starts, starts[1:] + [S]))
+    routed = torch.tensor(routed, device=x.device).repeat(B)  # (B*K,)
+    return _assemble(pooled.reshape(B * K, -1), routed, offsets, max_len, state, router, cfg)
+
+
+def _route_padded(x, router, cfg: MemoryConfig, cache: RoutingCache | None, mask: torch.Tensor | None) -> Route:
+    """route() with padding: per row, positions count real tokens; segments are runs of one chunk (or of pads)."""
+    c = cfg.chapters
+    B, S, d = x.shape
+    L = c.chunk_len
+    mask = torch.ones(B, S, dtype=torch.bool, device=x.device) if mask is None else mask.bool().to(x.device)
+    n0 = cache.n if cache is not None else 0
+    zeros = x.new_zeros(B, d, dtype=torch.float32)
+    total0 = cache.total if cache is not None and cache.total is not None else zeros
+    boundary0 = cache.boundary if cache is not None and cache.boundary is not None else zeros
+    real0 = cache.n_real if cache is not None and cache.n_real is not None else torch.full((B,), n0, dtype=torch.long)
+    xm = x.float() * mask[..., None]
+    cums = total0[:, None] + xm.cumsum(1)  # (B, S, d): sum over the real tokens up to s
+    cnt = (real0[:, None] + mask.long().cpu().cumsum(1))  # (B, S): real tokens up to s
+    chunk = torch.where(mask.cpu(), (cnt - 1) // L if c.routing == "causal_chunks" else torch.zeros_like(cnt), -1)
+    starts, pooled, routed, boundary = [], [], [], []
+
+    def sum_before(b: int, pos: int) -> torch.Tensor:
+        """Sum over row b's real tokens at positions < pos (pos > real0[b])."""
+        i = int(torch.searchsorted(cnt[b], pos + 1))  # the real token at position pos, or S
+        return cums[b, -1] if i == S else cums[b, i] - xm[b, i]
+
+    for b in range(B):
+        r0 = int(real0[b])
+        run = torch.ones(S, dtype=torch.bool)
+        run[1:] = chunk[b, 1:] != chunk[b, :-1]
+        for s in run.nonzero().squeeze(1).tolist():
+            starts.append(b * S + s)
+            ch = int(chunk[b, s])
+            if ch < 0:  # padding
+                pooled.append(zeros[b])
+                routed.append(False)
+            elif c.routing == "sequence":  # LEAKY: every real token of the row
+                pooled.append(cums[b, -1] / max(int(cnt[b, -1]), 1))
+                routed.append(True)
+            else:
+                pooled.append((boundary0[b] if ch * L <= r0 else sum_before(b, ch * L)) / max(ch * L, 1))
+                routed.append(ch >= 1)
+        cb = (int(cnt[b, -1]) // L) * L
+        boundary.append(boundary0[b] if cb <= r0 else sum_before(b, cb))
+    offsets = torch.tensor(starts + [B * S], device=x.device)
+    max_len = int(offsets.diff().max())
+    state = RoutingCache(n0 + S, cums[:, -1], torch.stack(boundary), cnt[:, -1].clone())
+    return _assemble(torch.stack(pooled), torch.tensor(routed, device=x.device), offsets, max_len, state, router, cfg)
 
 
 class ChapterMemory(nn.Module):
@@ -187,12 +245,15 @@ class ChapterMemory(nn.Module):
     def forward(self, x: torch.Tensor, cache: RoutingCache | None = None) -> MemoryOutput:
         """x (B, S, d) -> MemoryOutput; cache: continue from the positions it has seen (updated in place)."""
         c = self.cfg.chapters
-        if cache is None and self.routing is not None and self.routing.states is not None:
-            cache = self.routing.states.setdefault(self.routing_key, RoutingCache())
+        mask = None
+        if self.routing is not None and self.routing.states is not None:
+            cache = cache if cache is not None else self.routing.states.setdefault(self.routing_key, RoutingCache())
+            mask = self.routing.mask
         B, S, _ = x.shape
-        r = route(x, self.router, self.cfg, cache)
+        mask = mask[:, -S:] if mask is not None and mask.shape == (B, mask.shape[1]) and mask.shape[1] >= S else None
+        r = route(x, self.router, self.cfg, cache, mask)
         if cache is not None:
-            cache.n, cache.total, cache.boundary = r.state.n, r.state.total, r.state.boundary
+            cache.n, cache.total, cache.boundary, cache.n_real = r.state.n, r.state.total, r.state.boundary, r.state.n_real
         bank = self.values.weight
         q = self.query(x).view(B * S, self.cfg.heads, -1)  # (T, H, M)
         y = kernels.chapter_cross_attention(q, bank, bank, r.offsets, r.chapters, r.weights, c.chapter_tokens,
@@ -218,8 +279,11 @@ class RoutingContext:
 
     def __init__(self):
         self.states: dict[int, RoutingCache] | None = None
+        self.mask: torch.Tensor | None = None  # the forward's 2-d attention mask (past + new tokens)
 
     def before(self, _module, _args, kwargs):
+        am = kwargs.get("attention_mask")
+        self.mask = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
         pkv = kwargs.get("past_key_values")
         seen = pkv.get_seq_length() if pkv is not None and hasattr(pkv, "get_seq_length") else 0
         if not seen:
@@ -236,7 +300,7 @@ class RoutingContext:
         pkv = getattr(output, "past_key_values", None)
         if pkv is not None and self.states is not None:
             setattr(pkv, CACHE_ATTR, self.states)
-        self.states = None
+        self.states = self.mask = None
         return None
 
 

@@ -133,6 +133,48 @@ def test_routing_continues_from_a_cache_exactly():
     assert torch.equal(torch.cat(got, 1), want)
 
 
+@pytest.mark.parametrize("routing", ["causal_chunks", "sequence"])
+def test_padding_routes_each_row_like_the_row_alone(routing):
+    """Left and right padding: real tokens read the chapters they read unpadded; pads read the shared chapter."""
+    cfg = moc_cfg(routing, chunk_len=3).memory
+    torch.manual_seed(8)
+    router = torch.nn.Linear(16, cfg.chapters.n_chapters)
+    rows = [torch.randn(1, n, 16) for n in (7, 4, 9)]
+    S = 11
+    x = torch.zeros(3, S, 16)
+    mask = torch.zeros(3, S, dtype=torch.bool)
+    lefts = (S - 7, 0, 1)  # row 0 left-padded, row 1 right-padded, row 2 both
+    for b, (r, left) in enumerate(zip(rows, lefts)):
+        x[b, left:left + r.shape[1]] = r[0]
+        mask[b, left:left + r.shape[1]] = True
+        x[b, ~mask[b]] = 5.0  # pads carry junk: it must not reach any mean
+    got = route(x, router, cfg, mask=mask)
+    seg = torch.repeat_interleave(torch.arange(len(got.offsets) - 1), got.offsets.diff(), output_size=3 * S).view(3, S)
+    for b, (r, left) in enumerate(zip(rows, lefts)):
+        alone = route(r, router, cfg)
+        seg1 = torch.repeat_interleave(torch.arange(len(alone.offsets) - 1), alone.offsets.diff(), output_size=r.shape[1])
+        n = r.shape[1]
+        assert torch.equal(got.chapters[seg[b, left:left + n]], alone.chapters[seg1])
+        torch.testing.assert_close(got.weights[seg[b, left:left + n]], alone.weights[seg1])
+        pads = seg[b][~mask[b]]
+        assert (got.chapters[pads][:, 0] == cfg.chapters.n_chapters).all() and (got.chapters[pads][:, 1:] == -1).all()
+
+
+@torch.no_grad()
+def test_left_padded_generation_equals_each_row_alone():
+    model = moc_model("causal_chunks")
+    prompts = [_tokens(1, (1, 9))[0], _tokens(2, (1, 5))[0]]
+    batch = torch.zeros(2, 9, dtype=torch.long)
+    am = torch.zeros(2, 9, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        batch[b, 9 - len(p):], am[b, 9 - len(p):] = p, 1
+    gen = model.generate(batch, attention_mask=am, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    for b, p in enumerate(prompts):
+        alone = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=8,
+                               do_sample=False, pad_token_id=0)
+        assert torch.equal(gen[b, 9:], alone[0, len(p):])
+
+
 def test_router_losses_on_hand_computed_cases():
     # uniform logits, every chapter chosen equally often: balance 1 (its minimum), z = log(n)^2
     logits = torch.zeros(4, 4)
