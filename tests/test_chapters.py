@@ -436,3 +436,17 @@ retrofit:
         assert isinstance(mem, ChapterMemory) and mem.values.weight.shape == (7 * 5, 16)
         history = (tmp_path / "out" / "history.json").read_text()
         assert '"balance"' in history  # the router's aux losses were trained
+
+
+@torch.no_grad()
+def test_a_deep_copy_routes_on_its_own_context():
+    import copy
+
+    model = moc_model("causal_chunks")
+    twin = copy.deepcopy(model)
+    a, b = memory_layers(model)[1], memory_layers(twin)[1]
+    assert a.routing is not b.routing and b.routing is memory_layers(twin)[3].routing
+    ids = _tokens(shape=(1, 10))
+    out = twin(ids[:, :6], use_cache=True)
+    step = twin(ids[:, 6:], past_key_values=out.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(step, model(ids).logits[:, 6:], rtol=1e-5, atol=1e-5)
