@@ -113,8 +113,8 @@ def phase(args, overrides: list[str]) -> dict:
         before = {"heldout_wiki_loss": eval_loss(model, bg), "gsm8k_answer_loss": answer_loss(model, held_ex, pad)}
         schedule = ExampleSchedule(train_ex, t.batch_size, t.loop.seed, pad)
         optim = dataclasses.replace(t.loop.optim, lr_base=args.sft_lr, lr_memory=2 * args.sft_lr, lr_values=2 * args.sft_lr,
-                                    warmup_steps=10)
-        loop = dataclasses.replace(t.loop, max_steps=args.sft_steps, eval_every=max(args.sft_steps // 5, 1), trainable="all",
+                                    warmup_steps=min(10, max(args.sft_steps // 5, 1)))
+        loop = dataclasses.replace(t.loop, max_steps=args.sft_steps, eval_every=max(args.sft_steps // 2, 1), trainable="all",
                                    optim=optim, early_stop_patience=None, max_minutes=None)
         sft_eval = [pad_examples(held_ex[i:i + 16], pad) for i in range(0, min(len(held_ex), 64), 16)]
         t0 = time.perf_counter()
