@@ -18,7 +18,7 @@ from slotwise.checkpoint import save_checkpoint
 from slotwise.components._cli import component_parser, run_cli
 from slotwise.config import RetrofitParams, load_params, to_yaml
 from slotwise.models import load_base_model
-from slotwise.retrofit import parameter_summary, retrofit
+from slotwise.retrofit import memory_layers, parameter_summary, retrofit
 
 log = logging.getLogger("slotwise.retrofit")
 
@@ -44,7 +44,7 @@ def run_retrofit(p: RetrofitParams):
         "architecture": type(model).__name__,
         "layers": list(p.insert.layers),
         "mode": p.insert.mode,
-        "n_slots_per_layer": p.insert.memory.n_keys**2,
+        "n_slots_per_layer": next(iter(memory_layers(model).values())).n_slots,
         **{k: v for k, v in parameter_summary(model).items()},
         "check_prompt": p.check_prompt,
         "check_max_abs_logit_diff": (new_logits - base_logits).abs().max().item(),

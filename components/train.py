@@ -10,9 +10,10 @@ heal      memory parameters train on the background corpus (base frozen), early-
           held-out text; the summary reports perplexity with memory on and off, slot coverage,
           effective slots and median document frequency on held-out batches
 sft       prompt/answer pairs (train.sft_data, e.g. GSM8K train) with the loss on the answers
-pretrain  a fresh Llama-style model (train.pretrain: memory beside or instead of one layer's FFN, or
-          the iso-FLOP dense twin), --model gives only the tokenizer (or train.pretrain.tokenizer_vocab:
-          a byte-level BPE fitted to background/train.jsonl); e.g. the testbed:
+pretrain  a fresh Llama-style model (train.pretrain: product-key memory beside or instead of one
+          layer's FFN, Mixture of Chapters (retrofit.insert.memory.kind=chapters), or the iso-FLOP
+          dense twin, train.pretrain.variant=dense), --model gives only the tokenizer (or
+          train.pretrain.tokenizer_vocab: a byte-level BPE fitted to background/train.jsonl); e.g. the testbed:
           slotwise train --params profiles/testbed.yaml --model embedded:smollm2-135m-instruct \\
               --data runs/testbed/data --out runs/testbed/train
 
@@ -42,6 +43,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from slotwise.atomic import sha256_file
+from slotwise.chapters import chapter_flops_per_token
 from slotwise.checkpoint import load_checkpoint, model_hash, read_retrofit_config, save_checkpoint
 from slotwise.components._cli import component_parser, run_cli
 from slotwise.components._live import LIVE_DIR, live_logger, train_entry_logger
@@ -62,7 +64,14 @@ log = logging.getLogger("slotwise.train")
 
 
 def memory_flops_per_token(d: int, m: MemoryConfig) -> int:
-    """Multiply-adds per token of one memory layer (query, sub-key scores, candidates, values, gate, out)."""
+    """Multiply-adds per token of one memory layer of either kind.
+
+    product_key: query d*H*K + sub-key scores H*n_keys*K + candidates H*knn^2 + values H*knn*v
+                 + gate d*v (Memory+) + out v*d
+    chapters:    slotwise.chapters.chapter_flops_per_token (query, per-chapter attention, out, router)
+    """
+    if m.kind == "chapters":
+        return chapter_flops_per_token(d, m)
     v = m.v_dim or d
     return d * m.heads * m.k_dim + m.heads * m.n_keys * m.k_dim + m.heads * m.knn**2 + m.heads * m.knn * v + (d * v if m.memory_plus else 0) + v * d
 
@@ -82,8 +91,9 @@ def iso_flop_intermediate(pp, mem: MemoryConfig) -> int:
 
 
 def pretrain_model(params: Params, vocab_size: int, bos: int, eos: int):
-    """A fresh model: memory variant (train.pretrain.memory_mode: beside or instead of the FFN of
-    train.pretrain.memory_layers), or dense with every FFN widened to the same FLOPs per token."""
+    """A fresh model: memory variant (retrofit.insert.memory: product_key or chapters; train.pretrain.memory_mode:
+    beside or instead of the FFN of train.pretrain.memory_layers), or dense with every FFN widened to the
+    same FLOPs per token (iso_flop_intermediate)."""
     pp, mem = params.train.pretrain, params.retrofit.insert.memory
     intermediate = iso_flop_intermediate(pp, mem) if pp.variant == "dense" else pp.intermediate_size
     if intermediate < 1:

@@ -14,12 +14,17 @@ Public ops (every one takes backend="auto" | "triton" | "torch", see _dispatch.p
   slot_histogram(ids, n_slots, mask)   per-slot access counts and per-batch presence
   sparse_sgd_, sparse_adam_, sparse_rowwise_adagrad_
                                        optimizer steps that touch only the given rows
+  chapter_cross_attention(q, keys,     routed chapter cross-attention (Mixture of Chapters): one
+      values, offsets, chapters,       softmax per chapter read straight from the bank, outputs
+      weights, CT)                     mixed by router weights; gradients to q, bank rows, weights
+                                       (not named chapter_attention: that is its Triton module)
 """
 from __future__ import annotations
 
 import torch
 
 from ._dispatch import resolve_backend, triton_available
+from .chapter_attention_reference import chapter_accesses, chapter_attention_reference
 from .deferred import DeferredBagGrads, deferred_weighted_bag
 from .weighted_bag_reference import weighted_bag_backward_reference, weighted_bag_reference
 from .histogram_reference import slot_histogram_reference
@@ -42,6 +47,9 @@ __all__ = [
     "sparse_adam_",
     "sparse_rowwise_adagrad_",
     "DeferredBagGrads",
+    "chapter_cross_attention",
+    "chapter_attention_reference",
+    "chapter_accesses",
     "pk_topk_reference",
     "pk_topk_bruteforce",
     "triton_available",
@@ -186,3 +194,21 @@ def sparse_rowwise_adagrad_(table, state_sum, rows, grads, lr, eps=1e-8, weight_
 
         return sparse_step_triton("adagrad", table, (state_sum,), rows, grads, lr, eps=eps, weight_decay=weight_decay)
     return sparse_rowwise_adagrad_reference(table, state_sum, rows, grads, lr, eps, weight_decay)
+
+
+def chapter_cross_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+                      chapters: torch.Tensor, weights: torch.Tensor, chapter_tokens: int, scale: float | None = None,
+                      max_seg_len: int | None = None, sparse_grad: bool = False, backend: str = "auto") -> torch.Tensor:
+    """q (T, H, M), keys/values (N, M) bank rows (may be one tensor), offsets (R + 1,) token segments,
+    chapters (R, C) int64 (-1 = empty), weights (R, C) -> out (T, H, M); see chapter_attention_reference.
+
+    max_seg_len: the longest segment, when the caller knows it (saves a device-to-host sync).
+    sparse_grad: the bank's gradient is a sparse COO tensor of the rows of the chapters read.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if resolve_backend(backend, q, keys, values, offsets, chapters, weights) == "triton":
+        from .chapter_attention import chapter_attention_triton
+
+        return chapter_attention_triton(q, keys, values, offsets, chapters, weights, chapter_tokens, scale,
+                                        max_seg_len, sparse_grad)
+    return chapter_attention_reference(q, keys, values, offsets, chapters, weights, chapter_tokens, scale, sparse_grad)

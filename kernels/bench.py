@@ -1,7 +1,7 @@
 """Benchmark the memory kernels against the best plain PyTorch a user would write, and the bytes floor.
 
     python -m slotwise.kernels.bench [--json bench_out/kernels_bench.json] [--quick]
-                                     [--cases 1m-576,1m-1024,retrofit-896] [--dists uniform,zipf] [--budget 1.0]
+                                     [--cases 1m-576,1m-1024,retrofit-896,moc-paper] [--dists uniform,zipf] [--budget 1.0]
 
 On CUDA, in one process: measures the device's copy bandwidth, then for each case and id
 distribution times every op, ours and the baseline, each for a fixed time budget (>= 20 runs, L2
@@ -14,6 +14,8 @@ U*D*(2e+16) + M*12 + T*D*e (M = T*H*knn entries, U unique rows, e bytes per valu
 lookup's own (about uniform) or Zipf (s = 1.15 over randomly placed rows: U/M about 10%, one row in
 ~15% of the entries). Prints a table, writes JSON with the card's name.
 Without CUDA it says so and exits 0; --quick then runs a tiny interpreted smoke check instead.
+The moc-* cases time routed chapter cross-attention (bench_chapters.py: reference vs Triton vs
+scaled_dot_product_attention on the gathered chapters, forward and forward+backward, median ms).
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ import subprocess
 import sys
 
 import torch
+
+from .bench_chapters import CHAPTER_CASES, bench_chapter_case, print_chapter_table
 
 # (tokens, heads, knn, n_keys, D, k_dim, d_model): the issue's shapes; N = n_keys**2 slots
 CASES = {
@@ -155,6 +159,9 @@ def smoke_check() -> list[dict]:
     checks.append(("fused adam", all(torch.allclose(a.float(), b.float(), atol=1e-5) for a, b in zip(*tables))))
     counts, _ = slot_histogram(ids, n_keys * n_keys, backend="triton")
     checks.append(("histogram", torch.equal(counts, slot_histogram_reference(ids, n_keys * n_keys)[0])))
+    from .bench_chapters import smoke_check_chapters
+
+    checks += smoke_check_chapters()
     for name, ok in checks:
         print(f"  smoke {name:14s} {'ok' if ok else 'MISMATCH'}")
     return [dict(check=n, ok=bool(ok)) for n, ok in checks]
@@ -164,13 +171,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default="bench_out/kernels_bench.json", help="where to write the results")
     p.add_argument("--quick", action="store_true", help="first case, uniform ids, 0.2 s a timing (CPU: smoke check)")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {list(CASES)}")
+    p.add_argument("--cases", default=",".join([*CASES, *CHAPTER_CASES]),
+                   help=f"comma-separated, from {list(CASES) + list(CHAPTER_CASES)}")
     p.add_argument("--dists", default=",".join(DISTS), help=f"comma-separated, from {list(DISTS)}")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of device time per timing (>= 20 runs)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = p.parse_args(argv)
     labels, dists = args.cases.split(","), args.dists.split(",")
-    bad = [x for x in labels if x not in CASES] + [x for x in dists if x not in DISTS]
+    bad = [x for x in labels if x not in CASES and x not in CHAPTER_CASES] + [x for x in dists if x not in DISTS]
     if bad:
         print(f"slotwise.kernels.bench: unknown case or distribution {bad}; cases {list(CASES)}, dists {list(DISTS)}",
               file=sys.stderr)
@@ -202,11 +210,17 @@ def main(argv=None) -> int:
     print(f"{meta['device']}: copy bandwidth {bw / 1e12:.3f} TB/s; times in ms over >= {MIN_RUNS} runs "
           f"and {args.budget} s each\n{HEADER}", flush=True)
     results: list[dict] = []
+    chapter_rows: list[dict] = []
     for label in labels:
-        for dist in dists:
-            bench_case(label, CASES[label], dist, timer, bw, results, dtype)
-            torch.cuda.empty_cache()
-    _write(args.json, dict(meta, results=results))
+        if label in CHAPTER_CASES:
+            chapter_rows += bench_chapter_case(label, CHAPTER_CASES[label], "cuda", dtype, lambda fn: timer(fn)["median"])
+        else:
+            for dist in dists:
+                bench_case(label, CASES[label], dist, timer, bw, results, dtype)
+        torch.cuda.empty_cache()
+    if chapter_rows:
+        print_chapter_table(chapter_rows)
+    _write(args.json, dict(meta, results=results, chapter_attention=chapter_rows))
     return 0
 
 

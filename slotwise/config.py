@@ -102,7 +102,7 @@ class PretrainVariant(Choice):
 @dataclass
 class PretrainParams:
     """A small Llama-style model trained from scratch: with memory, or dense at the same FLOPs."""
-    variant: PretrainVariant = PretrainVariant.memory
+    variant: PretrainVariant = PretrainVariant.memory  # memory (retrofit.insert.memory, either kind) | dense (iso-FLOP)
     hidden_size: int = 256
     num_layers: int = 6
     num_heads: int = 4

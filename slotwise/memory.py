@@ -14,7 +14,7 @@ The lookups run through slotwise.kernels (Triton on GPU, the PyTorch reference e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slotwise import kernels
-from slotwise.schema import Choice, at_most, check, even, positive
+from slotwise.schema import Choice, at_most, check, constrained, even, positive
 
 
 class Balance(Choice):
@@ -32,8 +32,49 @@ class Balance(Choice):
     none = "none"
 
 
+class MemoryKind(Choice):
+    product_key = "product_key"  # ProductKeyMemory (this module)
+    chapters = "chapters"  # Mixture of Chapters (slotwise.chapters)
+
+
+class Routing(Choice):
+    causal_chunks = "causal_chunks"  # chunk c routed from the positions before it
+    sequence = "sequence"  # the paper's: one route per sequence from all its positions (LEAKY: sees the future)
+
+
+KINDS, ROUTINGS = MemoryKind.values(), Routing.values()
+
+
+def _shared_for_causal(value, cfg) -> str | None:
+    if not value and cfg.routing == Routing.causal_chunks:
+        return ("routing causal_chunks needs true (the first chunk has no past to route from and reads only "
+                "the shared chapter)")
+    return None
+
+
+@dataclass
+class ChapterConfig:
+    """Mixture of Chapters (slotwise.chapters): a bank of latent memory tokens cut into chapters.
+
+    The layer also reads these MemoryConfig fields: heads (attention heads), shared_values (one
+    bank for every memory layer), sparse_grad, value_init_std (bank init; None = 1.0) and
+    out_init_std (output projection init; 0 = the retrofit leaves the model exactly unchanged).
+    """
+    n_chapters: int = positive(64)  # routed chapters; the shared chapter is one more
+    chapter_tokens: int = positive(64)  # memory tokens per chapter
+    top_c: int = at_most("n_chapters", 4)  # routed chapters read per chunk
+    routing: Routing = Routing.causal_chunks  # causal_chunks | sequence (the paper's: LEAKY, sees future tokens)
+    shared_chapter: bool = constrained(True, rule=_shared_for_causal)  # one chapter every token reads (the first chunk reads only it)
+    chunk_len: int = positive(32)  # causal_chunks: chunk c is routed from the mean hidden state of positions < c * chunk_len
+    dim: int | None = positive(None)  # width of a memory token; None = hidden size // heads
+    access_k: int = at_most("chapter_tokens", 8)  # memory tokens recorded per (token, head) as accesses (slot statistics, SMF)
+    balance_weight: float = 0.01  # Switch load-balance loss
+    z_weight: float = 0.001  # router z-loss
+
+
 @dataclass
 class MemoryConfig:
+    kind: MemoryKind = MemoryKind.product_key  # product_key | chapters (Mixture of Chapters, slotwise.chapters)
     n_keys: int = positive(128)  # sub-keys per half: N = n_keys**2 slots
     heads: int = positive(4)
     knn: int = at_most("n_keys", 16)  # slots read per head and token
@@ -46,6 +87,7 @@ class MemoryConfig:
     value_init_std: float | None = None  # None = v_dim ** -0.5
     out_init_std: float = 0.0  # W2 init; 0 makes a retrofit exactly the base model
     balance: Balance = Balance.soft  # sub-key balancing loss in training mode (see ProductKeyMemory.balance_loss)
+    chapters: ChapterConfig = field(default_factory=ChapterConfig)  # kind: chapters
 
     def __post_init__(self):
         check(self, "memory")

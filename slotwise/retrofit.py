@@ -1,4 +1,4 @@
-"""Insert product-key memory layers into a pretrained Hugging Face decoder.
+"""Insert memory layers (product-key, or Mixture of Chapters) into a pretrained Hugging Face decoder.
 
 At each configured layer index the decoder layer's feed-forward block is wrapped:
 
@@ -7,6 +7,8 @@ At each configured layer index the decoder layer's feed-forward block is wrapped
 
 Works for any decoder whose layers expose `.mlp` (Llama, Qwen2, Gemma3, Mistral, ...).
 `record_lookups` returns, per memory layer, the slot ids and weights each forward used.
+memory.kind picks the layer: product_key (slotwise.memory) or chapters (slotwise.chapters, whose
+bank plays the value pool's part: `.values.weight`, shared across layers with shared_values).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from slotwise.memory import MemoryConfig, MemoryOutput, ProductKeyMemory, ValuePool, memory_param_counts
+from slotwise.chapters import ChapterMemory, chapter_param_counts, install_routing, new_bank
+from slotwise.memory import KINDS, MemoryConfig, MemoryOutput, ProductKeyMemory, ValuePool, memory_param_counts
 from slotwise.schema import Choice
 
 class RetrofitMode(Choice):
@@ -39,7 +42,7 @@ class RetrofitConfig:
 class MemoryMLP(nn.Module):
     """A decoder layer's FFN with a memory branch beside it (or in its place)."""
 
-    def __init__(self, mlp: nn.Module | None, memory: ProductKeyMemory, mode: str, alpha: float):
+    def __init__(self, mlp: nn.Module | None, memory: ProductKeyMemory | ChapterMemory, mode: str, alpha: float):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"retrofit.mode must be one of {MODES}, got {mode!r}")
@@ -84,18 +87,28 @@ def retrofit(model: nn.Module, cfg: RetrofitConfig) -> nn.Module:
         raise ValueError(f"retrofit.layers {cfg.layers} names a layer twice")
     hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size
     ref = next(model.parameters())
-    shared = ValuePool(cfg.memory.n_keys**2, cfg.memory.v_dim or hidden, cfg.memory.value_init_std) if cfg.memory.shared_values else None
+    kind = cfg.memory.kind
+    if kind not in KINDS:
+        raise ValueError(f"retrofit.insert.memory.kind must be one of {KINDS}, got {kind!r}")
+    layer_cls = ChapterMemory if kind == "chapters" else ProductKeyMemory
+    shared = None
+    if cfg.memory.shared_values:
+        shared = (new_bank(cfg.memory, hidden) if kind == "chapters"
+                  else ValuePool(cfg.memory.n_keys**2, cfg.memory.v_dim or hidden, cfg.memory.value_init_std))
     for i in cfg.layers:
         layer = layers[i]
         if isinstance(layer.mlp, MemoryMLP):
             raise ValueError(f"layer {i} already has a memory layer")
-        memory = ProductKeyMemory(hidden, hidden, cfg.memory, values=shared)
+        memory = layer_cls(hidden, hidden, cfg.memory, values=shared)
         layer.mlp = MemoryMLP(layer.mlp, memory, cfg.mode, cfg.alpha).to(device=ref.device)
         memory.to(dtype=ref.dtype)
+    if kind == "chapters":  # decoding with a KV cache carries the routing state on the cache
+        install_routing(model.get_decoder() if hasattr(model, "get_decoder") else model,
+                        [layers[i].mlp.memory for i in cfg.layers])
     return model
 
 
-def memory_layers(model: nn.Module) -> dict[int, ProductKeyMemory]:
+def memory_layers(model: nn.Module) -> dict[int, ProductKeyMemory | ChapterMemory]:
     """{decoder layer index: its memory module} in layer order."""
     return {i: layer.mlp.memory for i, layer in enumerate(decoder_layers(model)) if isinstance(layer.mlp, MemoryMLP)}
 
@@ -115,7 +128,7 @@ def memory_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 def parameter_summary(model: nn.Module) -> dict:
     """Counts for the note and the retrofit summary: base, memory (by part and per layer), total."""
     layers = memory_layers(model)
-    per_layer = {i: memory_param_counts(m) for i, m in layers.items()}
+    per_layer = {i: chapter_param_counts(m) if isinstance(m, ChapterMemory) else memory_param_counts(m) for i, m in layers.items()}
     groups = memory_parameters(model)
     memory_total = sum(p.numel() for ps in groups.values() for p in ps)
     total = sum(p.numel() for p in model.parameters())  # deduplicates tied/shared parameters

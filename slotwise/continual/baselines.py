@@ -23,11 +23,12 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from slotwise.chapters import ChapterMemory
 from slotwise.memory import ProductKeyMemory
 
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MEMORY_LINEARS = ("query", "gate", "out_proj")  # ProductKeyMemory's nn.Linear children
+MEMORY_LINEARS = ("query", "gate", "out_proj")  # ProductKeyMemory's nn.Linear children (ChapterMemory: query, out_proj)
 
 
 def causal_lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -71,7 +72,7 @@ def dense_step(model, batch: dict, loss_fn: LossFn, params: list, opt: torch.opt
 def dense_value_grads(model: nn.Module) -> None:
     """Memory layers built for sparse value gradients (SparseAdam) go dense: AdamW takes no sparse grads."""
     for m in model.modules():
-        if isinstance(m, ProductKeyMemory) and m.cfg.sparse_grad:
+        if isinstance(m, (ProductKeyMemory, ChapterMemory)) and m.cfg.sparse_grad:
             m.cfg = dataclasses.replace(m.cfg, sparse_grad=False)
 
 
@@ -102,7 +103,7 @@ class LoraParams:
 def lora_target_modules(model: nn.Module, targets: list[str], include_memory: bool) -> list[str]:
     """Full names of the nn.Linear modules to adapt: last name in targets, outside the memory
     layers (plus the memory's own Linear layers when include_memory)."""
-    mem_prefixes = [n + "." for n, m in model.named_modules() if isinstance(m, ProductKeyMemory)]
+    mem_prefixes = [n + "." for n, m in model.named_modules() if isinstance(m, (ProductKeyMemory, ChapterMemory))]
     names = []
     for name, m in model.named_modules():
         if not isinstance(m, nn.Linear):
