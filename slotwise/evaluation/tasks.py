@@ -89,6 +89,16 @@ def make_lm(model, tokenizer, batch_size: int = 8):
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
+def _replace_str(obj, old: str, new: str):
+    """obj with every string equal to old replaced by new: the results JSON records the tasks folder as
+    it was given (runs/data/tasks), not the machine's absolute path, so the same run gives the same bytes."""
+    if isinstance(obj, dict):
+        return {k: _replace_str(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_replace_str(v, old, new) for v in obj]
+    return new if isinstance(obj, str) and obj == old else obj
+
+
 def _merge_results(merged: dict, result: dict, limit: int | None) -> None:
     for key, value in result.items():
         if key in UNSTABLE_KEYS or key == "samples":
@@ -119,8 +129,8 @@ def evaluate_tasks(
     from tqdm.auto import tqdm
 
     lm = lm or make_lm(model, tokenizer, batch_size)
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
-                          metadata={"data_dir": str(Path(tasks_dir).resolve())})
+    resolved = str(Path(tasks_dir).resolve())
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"data_dir": resolved})
     run = TaskRun(scores={})
     for task in tqdm(tasks, desc="lm-eval tasks", disable=not progress):
         limit = (limits or {}).get(task)
@@ -137,7 +147,7 @@ def evaluate_tasks(
             n = result.get("n-samples", {}).get(name, {}).get("effective")
             if n is not None:
                 scores["n"] = n
-            _merge_results(run.results, result, limit)
+            _merge_results(run.results, _replace_str(result, resolved, str(tasks_dir)), limit)
             if log_samples:
                 run.samples[name] = result.get("samples", {}).get(name, [])
         run.scores[task] = scores
