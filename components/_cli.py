@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -14,12 +15,62 @@ from typing import Callable, Iterator
 from slotwise.errors import USER_ERRORS, ConfigError
 from slotwise.storage import fetch, is_s3, publish
 
+INPUTS = ("params", "model", "data", "stats", "facts", "deltas", "current", "candidate")
+# What an existing output directory must hold to be replaced (anything else is not ours to delete).
+OUTPUTS = {"out": ("params.resolved.yaml",), "state": ("state.json", "trainer.pt")}
+
+
+class ComponentParser(argparse.ArgumentParser):
+    """parse_args also refuses outputs that would destroy an input or something that is not an output."""
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        check_outputs(ns)
+        return ns
+
 
 def component_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = ComponentParser(prog=prog, description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="params overrides, e.g. retrofit.insert.memory.n_keys=64")
     return parser
+
+
+def _real(path: str) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def check_outputs(ns: argparse.Namespace) -> None:
+    """Refuse (ConfigError) an output path that is, contains or lies inside an input path, or that
+    exists but is not an earlier output of its kind (a file, a link, a foreign non-empty folder)."""
+    inputs = [(f"--{dest}", v) for dest in INPUTS for v in _values(getattr(ns, dest, None))
+              if not is_s3(v) and os.path.lexists(v)]
+    outputs = {dest: getattr(ns, dest, None) for dest in OUTPUTS}
+    if "state" in ns and ns.state is None and ns.out:  # train's default state directory
+        outputs["state"] = f"{ns.out}_state"
+    outputs = {d: v for d, v in outputs.items() if v and not is_s3(v)}
+    for dest, value in outputs.items():
+        flag, out = f"--{dest}", _real(value)
+        for other, path in inputs + [(f"--{d}", v) for d, v in outputs.items() if d != dest]:
+            src = _real(path)
+            if out == src:
+                raise ConfigError(f"{flag} {value}: is the input {other} {path}; refusing to overwrite an input")
+            if out in src.parents:
+                raise ConfigError(f"{flag} {value}: contains the input {other} {path}; refusing to replace it")
+            if src in out.parents:
+                raise ConfigError(f"{flag} {value}: lies inside the input {other} {path}; refusing to write into an input")
+        p = Path(value)
+        if p.is_symlink() or (p.exists() and not p.is_dir()):
+            raise ConfigError(f"{flag} {value}: exists and is not a directory; refusing to replace it (a stage writes a directory)")
+        if p.is_dir() and any(p.iterdir()) and not any((p / m).exists() for m in OUTPUTS[dest]):
+            raise ConfigError(f"{flag} {value}: an existing folder that is not an earlier output (no {' or '.join(OUTPUTS[dest])}); "
+                              f"refusing to replace it")
+
+
+def _values(value) -> list[str]:
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
 @contextlib.contextmanager

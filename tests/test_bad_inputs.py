@@ -1,0 +1,145 @@
+"""Every stage's command line against every malformed input: exit 2, one line on stderr naming what
+is wrong, no traceback, no output written, every input unchanged (by hash).
+
+The table is CASES x STAGES (a case applies to the stages that take the input it breaks). Stages run
+in this process through run_cli (the CLI's own error handling); a few cases that need a real
+process (a file size limit, an unwritable folder) run `python -m slotwise.components.<stage>`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from slotwise.components import continual, data, evaluate, gate, retrofit, slot_stats, train, update
+from slotwise.components._cli import run_cli
+from test_update import HELDOUT, PARAMS, QA, facts, jsonl, make_world
+
+REPO = Path(__file__).resolve().parents[1]
+MAINS = {"data": data.main, "retrofit": retrofit.main, "train": train.main, "slot_stats": slot_stats.main,
+         "continual": continual.main, "evaluate": evaluate.main, "update": update.main, "gate": gate.main}
+STAGES = tuple(MAINS)
+WORLD_PARAMS = PARAMS + """
+train: {device: cpu, seq_len: 16, batch_size: 2, eval_batches: 1, report_batches: 1, loop: {max_steps: 2, eval_every: 1, save_every: 1}}
+slot_stats: {device: cpu, seq_len: 16, batch_size: 2}
+continual: {device: cpu, n_facts: 2, known_screen: 2, ppl_blocks: 2, ppl_seq_len: 16, methods: [{name: smf, method: smf, params: {score: tf, top_t: 4}}]}
+evaluate: {device: cpu, tasks: [], perplexity: {seq_len: 16, max_blocks: 2}, facts: {limit: 2}}
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, smol_tokenizer):
+    """make_world (model, stats, data, drop) + what the other stages read, and a candidate delta for gate."""
+    w = make_world(tmp_path_factory.mktemp("bad_inputs"), smol_tokenizer)
+    w["params"].write_text(WORLD_PARAMS)
+    for split in ("train", "stats"):
+        jsonl(w["data"] / f"background/{split}.jsonl", [{"text": t} for t in HELDOUT * 4])
+    jsonl(w["data"] / "facts.jsonl", facts(QA, "stream"))
+    w["candidate"] = w["root"] / "candidate"
+    assert update.main(["--params", str(w["params"]), "--model", str(w["model"]), "--stats", str(w["stats"]),
+                        "--facts", str(w["drop"]), "--out", str(w["candidate"])]) == 0
+    return w
+
+
+def stage_args(stage: str, w: dict, out: Path) -> list[str]:
+    """Arguments that run `stage` on the world, writing `out`."""
+    m, d, s, p = (str(w[k]) for k in ("model", "data", "stats", "params"))
+    return {"data": ["--params", p, "--out", str(out)],
+            "retrofit": ["--params", p, "--out", str(out)],
+            "train": ["--params", p, "--model", m, "--data", d, "--out", str(out), "--state", str(out) + "_state"],
+            "slot_stats": ["--params", p, "--model", m, "--data", d, "--out", str(out)],
+            "continual": ["--params", p, "--model", m, "--data", d, "--stats", s, "--out", str(out)],
+            "evaluate": ["--params", p, "--model", m, "--data", d, "--out", str(out)],
+            "update": ["--params", p, "--model", m, "--stats", s, "--facts", str(w["drop"]), "--out", str(out)],
+            "gate": ["--params", p, "--model", m, "--candidate", str(w["candidate"]), "--data", d, "--facts", str(w["drop"]),
+                     "--out", str(out)]}[stage]
+
+
+def replace_arg(args: list[str], flag: str, value) -> list[str] | None:
+    """args with flag's value replaced."""
+    i = args.index(flag)
+    return args[:i + 1] + [str(value)] + args[i + 2:]
+
+
+def tree_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        kind = "L" if p.is_symlink() else ("D" if p.is_dir() else "F")
+        h.update(f"{kind}:{p.relative_to(path)}\0".encode())
+        if kind == "F":
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+FLAGS = {"data": "--params --out", "retrofit": "--params --out", "train": "--params --model --data --out --state",
+         "slot_stats": "--params --model --data --out", "continual": "--params --model --data --stats --out",
+         "evaluate": "--params --model --data --out", "update": "--params --model --stats --facts --out",
+         "gate": "--params --model --candidate --data --facts --out"}
+
+
+@dataclass
+class Case:
+    name: str
+    expect: str  # a piece of the one-line message
+    build: Callable  # (world, scratch dir, stage, args, out) -> the stage's arguments with this input broken
+    needs: str = "--params"  # the flag whose input it breaks: the case applies to the stages that take it
+
+
+def _out_is(flag):
+    return lambda w, tmp, stage, args, out: replace_arg(args, "--out", w[flag])
+
+
+def _foreign_folder(w, tmp, stage, args, out):
+    folder = tmp / "notes"
+    folder.mkdir()
+    (folder / "todo.txt").write_text("keep me")
+    return replace_arg(args, "--out", folder)
+
+
+def _existing_file(w, tmp, stage, args, out):
+    (tmp / "report.pdf").write_bytes(b"%PDF-1.4 keep me")
+    return replace_arg(args, "--out", tmp / "report.pdf")
+
+
+CASES = [
+    Case("out is --params", "is the input --params", _out_is("params")),
+    Case("out is --model", "is the input --model", _out_is("model"), "--model"),
+    Case("out is --data", "is the input --data", _out_is("data"), "--data"),
+    Case("out is --stats", "is the input --stats", _out_is("stats"), "--stats"),
+    Case("out is --candidate", "is the input --candidate", _out_is("candidate"), "--candidate"),
+    Case("out contains the inputs", "contains the input", lambda w, tmp, stage, args, out: replace_arg(args, "--out", w["root"])),
+    Case("out inside --model", "lies inside the input --model",
+         lambda w, tmp, stage, args, out: replace_arg(args, "--out", w["model"] / "sub"), "--model"),
+    Case("out is an existing file", "exists and is not a directory", _existing_file),
+    Case("out is a foreign folder", "not an earlier output", _foreign_folder),
+]
+
+
+def _table():
+    return [pytest.param(case, stage, id=f"{stage}: {case.name}") for case in CASES for stage in STAGES
+            if case.needs in FLAGS[stage].split()]
+
+
+@pytest.mark.parametrize("case,stage", _table())
+def test_bad_input_is_one_line_and_exit_2(case, stage, world, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = case.build(world, tmp_path, stage, stage_args(stage, world, out), out)
+    before_world, before_tmp = tree_hash(world["root"]), tree_hash(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        run_cli(MAINS[stage], args)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert case.expect in err, err
+    assert tree_hash(world["root"]) == before_world  # every input unchanged
+    assert tree_hash(tmp_path) == before_tmp  # nothing written (no output, no staging left behind)
