@@ -1,8 +1,10 @@
 """The training loop shared by heal, SFT and pretraining: resumable to the same final weights.
 
 State that a restart needs lives in a state directory, written atomically every `save_every`
-steps: the trainable parameters (safetensors), optimizer and scheduler states, RNG states, the
-step, the early-stopping record and the history. Batches are a pure function of (seed, step)
+steps: the trainable parameters (safetensors), optimizer and scheduler states and the torch RNG
+state (trainer.pt, read with torch.load(weights_only=True): tensors and plain containers, never
+arbitrary pickled objects), and in state.json the run's fingerprint, the step, the early-stopping
+record, the history and Python's RNG state. The fingerprint is checked before anything else is read. Batches are a pure function of (seed, step)
 (see text_blocks.BlockSchedule), so a run killed at any point and restarted reaches the same
 weights as one that never stopped.
 """
@@ -25,6 +27,7 @@ from tqdm.auto import tqdm
 
 from slotwise.atomic import staged_dir
 from slotwise.distributed import Dist
+from slotwise.errors import CheckpointError
 from slotwise.optim import OptimParams, build_optimizers, build_schedulers, trainable_groups
 from slotwise.retrofit import record_lookups
 from slotwise.schema import Choice
@@ -138,13 +141,39 @@ def _load_trainable(model, state: dict[str, torch.Tensor]) -> None:
             params[n].copy_(t)
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+STATE_FORMAT = 1
 
 
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
+def _python_rng(state) -> tuple:
+    """random.getstate() after a JSON round trip (lists) -> the tuples random.setstate wants."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def _read_state(state_dir: Path, fingerprint: str | None) -> tuple[dict, dict] | None:
+    """(state.json, trainer.pt) of a resumable state written under this fingerprint, else None.
+
+    trainer.pt is only opened once state.json says the state is this run's, and then without
+    unpickling arbitrary objects; one that does not load is refused (CheckpointError)."""
+    meta_path, tensors_path = state_dir / "state.json", state_dir / "trainer.pt"
+    if not state_dir.is_dir() or not any(state_dir.iterdir()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        assert isinstance(meta, dict) and meta.get("format") == STATE_FORMAT and isinstance(meta.get("record"), dict)
+    except (OSError, ValueError, AssertionError):
+        log.warning("%s holds no state of this slotwise version (no valid state.json); starting over", state_dir)
+        return None
+    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+        log.warning("%s holds the state of another run (other params, model or data); starting over", state_dir)
+        return None
+    try:
+        tensors = torch.load(tensors_path, weights_only=True, map_location="cpu")
+        assert isinstance(tensors, dict) and {"optimizers", "schedulers", "torch_rng"} <= tensors.keys()
+    except Exception as exc:  # noqa: BLE001 - a foreign pickle (refused by weights_only), a truncated file, ...
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise CheckpointError(f"{tensors_path}: not a loadable training state ({reason}); delete {state_dir} to start over") from None
+    return meta, tensors
 
 
 def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p: LoopParams, state_dir: str | Path,
@@ -185,18 +214,18 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
     random.seed(p.seed)
     record = {"history": [], "best_step": 0, "best_eval_loss": None, "evals_without_improvement": 0, "step": 0}
     best_state = None
-    ckpt = torch.load(state_dir / "trainer.pt", weights_only=False) if (state_dir / "trainer.pt").is_file() else None
-    if ckpt is not None and fingerprint is not None and ckpt.get("fingerprint") != fingerprint:
-        log.warning("%s holds the state of another run (other params, model or data); starting over", state_dir)
+    saved = _read_state(state_dir, fingerprint)
+    if saved is None and state_dir.exists():
         clear_state(state_dir)
-        ckpt = None
-    if ckpt is not None:
+    if saved is not None:
+        meta, tensors = saved
         _load_trainable(model, load_file(state_dir / "trainable.safetensors"))
         for k, o in opts.items():
-            o.load_state_dict(ckpt["optimizers"][k])
-            scheds[k].load_state_dict(ckpt["schedulers"][k])
-        _set_rng_state(ckpt["rng"])
-        record = ckpt["record"]
+            o.load_state_dict(tensors["optimizers"][k])
+            scheds[k].load_state_dict(tensors["schedulers"][k])
+        torch.set_rng_state(tensors["torch_rng"])
+        random.setstate(_python_rng(meta["python_rng"]))
+        record = meta["record"]
         if (state_dir / "best.safetensors").is_file():
             best_state = load_file(state_dir / "best.safetensors")
         log.info("resumed from %s at step %d", state_dir, record["step"])
@@ -210,7 +239,9 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
                 save_file(best_state, tmp / "best.safetensors")
             torch.save({"optimizers": {k: o.state_dict() for k, o in opts.items()},
                         "schedulers": {k: s.state_dict() for k, s in scheds.items()},
-                        "rng": _rng_state(), "record": record, "fingerprint": fingerprint}, tmp / "trainer.pt")
+                        "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
+            (tmp / "state.json").write_text(json.dumps({"format": STATE_FORMAT, "fingerprint": fingerprint, "record": record,
+                                                         "python_rng": random.getstate()}))
 
     if record["step"] == 0 and not record["history"]:
         record["best_eval_loss"] = eval_loss(model, eval_batches, dist)
