@@ -13,6 +13,7 @@ import os
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -72,9 +73,11 @@ def replace_arg(args: list[str], flag: str, value) -> list[str] | None:
 
 
 def tree_hash(path: Path) -> str:
+    """sha256 over every entry's kind, name and (regular files) bytes; links and FIFOs are not followed."""
     h = hashlib.sha256()
     for p in sorted(path.rglob("*")):
-        kind = "L" if p.is_symlink() else ("D" if p.is_dir() else "F")
+        mode = p.lstat().st_mode
+        kind = "L" if stat.S_ISLNK(mode) else "D" if stat.S_ISDIR(mode) else "F" if stat.S_ISREG(mode) else "O"
         h.update(f"{kind}:{p.relative_to(path)}\0".encode())
         if kind == "F":
             h.update(p.read_bytes())
@@ -93,6 +96,7 @@ class Case:
     expect: str  # a piece of the one-line message
     build: Callable  # (world, scratch dir, stage, args, out) -> the stage's arguments with this input broken
     needs: str = "--params"  # the flag whose input it breaks: the case applies to the stages that take it
+    stages: tuple[str, ...] | None = None  # or exactly these stages
 
 
 def _out_is(flag):
@@ -111,6 +115,31 @@ def _existing_file(w, tmp, stage, args, out):
     return replace_arg(args, "--out", tmp / "report.pdf")
 
 
+FACT_STAGES = ("update", "gate", "continual", "evaluate")  # --facts, or facts.jsonl in --data
+GOOD_FACT = facts(QA[:1], "bad")[0]
+
+
+def _facts_file(make: Callable[[Path], None]):
+    """The facts input (--facts, else --data's facts.jsonl) replaced by what make(path) creates."""
+    def build(w, tmp, stage, args, out):
+        if "--facts" in args:
+            make(tmp / "new.jsonl")
+            return replace_arg(args, "--facts", tmp / "new.jsonl")
+        shutil.copytree(w["data"], tmp / "data")
+        (tmp / "data" / "facts.jsonl").unlink()
+        make(tmp / "data" / "facts.jsonl")
+        return replace_arg(args, "--data", tmp / "data")
+    return build
+
+
+def _fact_bytes(body: bytes):
+    return _facts_file(lambda p: p.write_bytes(body))
+
+
+def _fact_with(**fields):
+    return _fact_bytes(json.dumps({**GOOD_FACT, **fields}).encode() + b"\n")
+
+
 CASES = [
     Case("out is --params", "is the input --params", _out_is("params")),
     Case("out is --model", "is the input --model", _out_is("model"), "--model"),
@@ -122,12 +151,26 @@ CASES = [
          lambda w, tmp, stage, args, out: replace_arg(args, "--out", w["model"] / "sub"), "--model"),
     Case("out is an existing file", "exists and is not a directory", _existing_file),
     Case("out is a foreign folder", "not an earlier output", _foreign_folder),
+    Case("facts: malformed JSON", "not valid JSON", _fact_bytes(b'{"id": "x", "answers": [\n'), stages=FACT_STAGES),
+    Case("facts: not UTF-8", "not UTF-8 text", _fact_bytes(b'{"id": "caf\xe9"}\n'), stages=FACT_STAGES),
+    Case("facts: a JSON list, not an object", "expected a JSON object", _fact_bytes(b"[1, 2]\n"), stages=FACT_STAGES),
+    Case("facts: probe null", "field 'probe' must be a non-empty string (got null)", _fact_with(probe=None), stages=FACT_STAGES),
+    Case("facts: statement null", "field 'statement'", _fact_with(statement=None), stages=("update", "gate", "continual")),
+    Case("facts: answers [123]", "field 'answers' must be a non-empty list of non-empty strings (got a list holding int)",
+         _fact_with(answers=[123]), stages=FACT_STAGES),
+    Case("facts: answers ['']", "(got a list holding empty string)", _fact_with(answers=[""]), stages=FACT_STAGES),
+    Case("facts: paraphrases not strings", "field 'paraphrases'", _fact_with(paraphrases=["fine", 7, None]),
+         stages=("update", "gate", "continual")),
+    Case("facts: answer in no text", "occurs in none of the 'paraphrases'", _fact_with(answers=["Zyzzyva"]),
+         stages=("update", "gate", "continual")),
+    Case("facts: a FIFO", "a FIFO (expected a regular file)", _facts_file(os.mkfifo), stages=FACT_STAGES),
+    Case("facts: a folder named facts.jsonl", "a directory (expected a regular file)", _facts_file(Path.mkdir), stages=("continual", "evaluate")),
 ]
 
 
 def _table():
     return [pytest.param(case, stage, id=f"{stage}: {case.name}") for case in CASES for stage in STAGES
-            if case.needs in FLAGS[stage].split()]
+            if (stage in case.stages if case.stages else case.needs in FLAGS[stage].split())]
 
 
 @pytest.mark.parametrize("case,stage", _table())
