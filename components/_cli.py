@@ -119,4 +119,8 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:  # the environment: an unwritable folder, a full disk, a read error
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(code or 0)

@@ -38,17 +38,17 @@ from slotwise.atomic import staged_dir
 from slotwise.checkpoint import CheckpointError, MANIFEST, RETROFIT_FILE, is_hf_native, load_checkpoint, model_hash
 from slotwise.components._cli import component_parser, run_cli
 from slotwise.config import ConfigError, load_params, write_resolved
+from slotwise.errors import DataError
 from slotwise.evaluation.facts import fact_acquisition
-from slotwise.facts import check_record
-from slotwise.sources import open_regular
 from slotwise.evaluation.memory_switch import memory_disabled, memory_mode
 from slotwise.evaluation.params import EvaluateParams
 from slotwise.evaluation.perplexity import heldout_perplexity, token_blocks
 from slotwise.evaluation.plots import score_rows, write_scores
 from slotwise.evaluation.tasks import TaskRun, evaluate_tasks, task_file
+from slotwise.facts import check_record
 from slotwise.models import load_base_model
 from slotwise.schema import resolve_device
-from slotwise.sources import read_jsonl
+from slotwise.sources import open_regular, read_jsonl
 
 log = logging.getLogger("slotwise.evaluate")
 HELDOUT = Path("background") / "heldout.jsonl"
@@ -69,7 +69,11 @@ def drop_skipped_tasks(p: EvaluateParams, data_dir: Path) -> EvaluateParams:
     """Tasks the data stage could not source (listed under "skipped" in its manifest) are left out
     with a warning (e.g. a task no configured source has)."""
     manifest = data_dir / "manifest.json"
-    skipped = json.loads(manifest.read_text()).get("skipped", {}) if manifest.is_file() else {}
+    try:
+        skipped = json.loads(manifest.read_bytes()).get("skipped", {}) if manifest.is_file() else {}
+        assert isinstance(skipped, dict)
+    except (ValueError, AttributeError, AssertionError):
+        raise DataError(f"{manifest}: not a data stage manifest (expected a JSON object with 'skipped': {{task: reason}})") from None
     for task in [t for t in p.tasks if t in skipped]:
         log.warning("skipping task %s: the data stage had no source for it (%s)", task, skipped[task])
     return dataclasses.replace(p, tasks=[t for t in p.tasks if t not in skipped])

@@ -30,13 +30,17 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from slotwise.errors import StorageError
+
 log = logging.getLogger(__name__)
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO, errno.EROFS}
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
@@ -131,20 +135,45 @@ def replace_dir(stage: Path, final: Path) -> None:
         _remove(old)
 
 
+def _write_failure(exc: BaseException, stage: Path) -> str | None:
+    """Why writing into `stage` failed (full disk, file size limit, permissions), or None if exc is something else."""
+    if isinstance(exc, OSError):  # a failed write() carries no file name, only its errno
+        if (str(exc.filename).startswith(str(stage)) if exc.filename else exc.errno in _WRITE_ERRNOS):
+            return exc.strerror or str(exc)
+        return None
+    text = " ".join(str(exc).split())
+    # safetensors and torch.save report a failed write as their own exception types, not OSError
+    if type(exc).__name__ == "SafetensorError" and "I/O error" in text:
+        return re.sub(r" \(os error \d+\)$", "", text.split("I/O error: ", 1)[-1])
+    if isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text):
+        return f"torch.save failed: {text[:120]}"
+    return None
+
+
+def _refuse_write(exc: BaseException, stage: Path, final: Path) -> None:
+    reason = _write_failure(exc, stage)
+    if reason is not None:
+        raise StorageError(f"{final}: cannot write it ({reason}); the previous {final.name}, if any, is unchanged") from None
+
+
 @contextlib.contextmanager
 def staged_dir(final: str | Path) -> Iterator[Path]:
     """Write a directory atomically: fill the yielded temporary sibling; on success it replaces
     `final` whole, on any error it is removed and `final` is left as it was."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    collect_stale(final)
-    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        collect_stale(final)
+        stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    except OSError as exc:  # an unwritable or missing parent folder
+        raise StorageError(f"{final}: cannot write it ({exc.strerror or exc}); the previous {final.name}, if any, is unchanged") from None
     fd = _lock(stage)
     try:
         yield stage
         replace_dir(stage, final)
-    except BaseException:
+    except BaseException as exc:
         _remove(stage)
+        _refuse_write(exc, stage, final)
         raise
     finally:
         os.close(fd)
@@ -155,9 +184,12 @@ def staged_file(final: str | Path) -> Iterator[Path]:
     """Write a file atomically: write the yielded temporary sibling path; on success it is fsync'ed
     and renamed onto `final` (mode 0644), on any error it is removed and `final` is left as it was."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    collect_stale(final)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        collect_stale(final)
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    except OSError as exc:
+        raise StorageError(f"{final}: cannot write it ({exc.strerror or exc}); the previous {final.name}, if any, is unchanged") from None
     fcntl.flock(fd, fcntl.LOCK_EX)
     tmp = Path(name)
     try:
@@ -166,8 +198,9 @@ def staged_file(final: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        _refuse_write(exc, tmp, final)
         raise
     finally:
         os.close(fd)

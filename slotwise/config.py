@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -187,6 +188,27 @@ def _type_methods(cfg: DictConfig, where: str) -> None:
                               f"{omegaconf_error(exc, schema)}") from None
 
 
+def _load_yaml(path: Path) -> DictConfig:
+    """A params file -> DictConfig; ConfigError if it is not UTF-8 YAML whose top level is a mapping."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+        top = yaml.compose(text, Loader=yaml.SafeLoader)  # the document's shape, before OmegaConf reads a scalar as a key
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+    except yaml.YAMLError as exc:  # scanner/parser errors carry a line number in their text
+        where = " ".join(str(exc).replace('in "<unicode string>", ', "").split())
+        raise ConfigError(f"{path}: not valid YAML ({where})") from None
+    if top is None:
+        return OmegaConf.create({})
+    if not isinstance(top, yaml.MappingNode):
+        shape = "a list" if isinstance(top, yaml.SequenceNode) else "a single value"
+        raise ConfigError(f"{path}: the top level is {shape} (expected a mapping of stage sections, e.g. 'train:')")
+    try:
+        return OmegaConf.create(text)
+    except Exception as exc:  # noqa: BLE001 - what OmegaConf's own YAML reading refuses (e.g. duplicate keys)
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+
+
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None, schema: type = Params) -> Any:
     """Merge schema defaults <- params file <- key=value overrides; validate; return dataclass objects."""
     base = OmegaConf.structured(schema)
@@ -197,12 +219,7 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"params file not found: {path}")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as exc:  # yaml scanner/parser errors carry a line number in their text
-            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"{path}: expected a mapping of stage sections at the top level")
+        loaded = _load_yaml(path)
         try:
             cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as exc:

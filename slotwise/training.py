@@ -252,57 +252,59 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
     model.train()
     bar = tqdm(total=p.max_steps, initial=record["step"], desc="train", disable=not progress)
     t_start, steps_here = time.perf_counter(), 0
-    while record["step"] < p.max_steps:
-        step = record["step"]
-        batch = batch_at(step) if dist is None else dist.shard_batch(batch_at(step))
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss, stats = lm_loss(model, batch, p.balance_weight, teachers, p.distil_weight)
-        if dist is not None:  # the record holds the global batch's loss: the mean of the ranks' means
-            stats["lm_loss"] = dist.sum([stats["lm_loss"]])[0] / dist.world
-        for o in opts.values():
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        if p.optim.grad_clip and dist is not None:  # the sharded pools' columns count once
-            stats["grad_norm"] = dist.clip_grad_norm_(dense, [] if sparse_values else groups["values"], p.optim.grad_clip)
-        elif p.optim.grad_clip and dense:
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(dense, p.optim.grad_clip))
-        for k in opts:
-            opts[k].step()
-            scheds[k].step()
-        record["step"] = step + 1
-        steps_here += 1
-        entry = {"step": step + 1, **stats}
-        out_of_time = p.max_minutes is not None and time.perf_counter() - t_start > 60 * p.max_minutes
-        if dist is not None and p.max_minutes is not None:  # every rank stops at the same step
-            out_of_time = dist.sum([float(out_of_time)])[0] > 0
-        if (step + 1) % p.eval_every == 0 or step + 1 == p.max_steps or out_of_time:  # the last steps count too
-            ev = eval_loss(model, eval_batches, dist)
-            entry["eval_loss"] = ev
-            if ev < record["best_eval_loss"]:
-                record.update(best_eval_loss=ev, best_step=step + 1, evals_without_improvement=0)
-                best_state = _trainable_state(model, names)
-            else:
-                record["evals_without_improvement"] += 1
-        record["history"].append(entry)
-        if on_entry:
-            on_entry(entry)
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats['lm_loss']:.3f}", **({"eval": f"{entry['eval_loss']:.3f}"} if "eval_loss" in entry else {}))
-        stop = p.early_stop_patience is not None and record["evals_without_improvement"] >= p.early_stop_patience
-        if out_of_time:
-            stop = True
-            record["stopped_at_time_budget"] = step + 1
-            log.info("stopping at step %d: the time budget of %.1f minutes is spent", step + 1, p.max_minutes)
-        if stop:
-            record["stopped_early_at"] = step + 1
-            record["step"] = p.max_steps  # a resumed run must not continue past an early stop
-        if (step + 1) % p.save_every == 0 or record["step"] >= p.max_steps:
-            save_state()
-        if stop:
-            if not out_of_time:
-                log.info("early stop at step %d: held-out loss has not improved for %d evals", step + 1, p.early_stop_patience)
-            break
-    bar.close()
+    try:
+        while record["step"] < p.max_steps:
+            step = record["step"]
+            batch = batch_at(step) if dist is None else dist.shard_batch(batch_at(step))
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss, stats = lm_loss(model, batch, p.balance_weight, teachers, p.distil_weight)
+            if dist is not None:  # the record holds the global batch's loss: the mean of the ranks' means
+                stats["lm_loss"] = dist.sum([stats["lm_loss"]])[0] / dist.world
+            for o in opts.values():
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            if p.optim.grad_clip and dist is not None:  # the sharded pools' columns count once
+                stats["grad_norm"] = dist.clip_grad_norm_(dense, [] if sparse_values else groups["values"], p.optim.grad_clip)
+            elif p.optim.grad_clip and dense:
+                stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(dense, p.optim.grad_clip))
+            for k in opts:
+                opts[k].step()
+                scheds[k].step()
+            record["step"] = step + 1
+            steps_here += 1
+            entry = {"step": step + 1, **stats}
+            out_of_time = p.max_minutes is not None and time.perf_counter() - t_start > 60 * p.max_minutes
+            if dist is not None and p.max_minutes is not None:  # every rank stops at the same step
+                out_of_time = dist.sum([float(out_of_time)])[0] > 0
+            if (step + 1) % p.eval_every == 0 or step + 1 == p.max_steps or out_of_time:  # the last steps count too
+                ev = eval_loss(model, eval_batches, dist)
+                entry["eval_loss"] = ev
+                if ev < record["best_eval_loss"]:
+                    record.update(best_eval_loss=ev, best_step=step + 1, evals_without_improvement=0)
+                    best_state = _trainable_state(model, names)
+                else:
+                    record["evals_without_improvement"] += 1
+            record["history"].append(entry)
+            if on_entry:
+                on_entry(entry)
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['lm_loss']:.3f}", **({"eval": f"{entry['eval_loss']:.3f}"} if "eval_loss" in entry else {}))
+            stop = p.early_stop_patience is not None and record["evals_without_improvement"] >= p.early_stop_patience
+            if out_of_time:
+                stop = True
+                record["stopped_at_time_budget"] = step + 1
+                log.info("stopping at step %d: the time budget of %.1f minutes is spent", step + 1, p.max_minutes)
+            if stop:
+                record["stopped_early_at"] = step + 1
+                record["step"] = p.max_steps  # a resumed run must not continue past an early stop
+            if (step + 1) % p.save_every == 0 or record["step"] >= p.max_steps:
+                save_state()
+            if stop:
+                if not out_of_time:
+                    log.info("early stop at step %d: held-out loss has not improved for %d evals", step + 1, p.early_stop_patience)
+                break
+    finally:  # a failure ends the bar's line, so the error message gets its own
+        bar.close()
     if steps_here:
         log.info("%d steps, %.2f s per step", steps_here, (time.perf_counter() - t_start) / steps_here)
     if best_state is not None:

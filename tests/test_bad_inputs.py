@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -115,6 +117,29 @@ def _existing_file(w, tmp, stage, args, out):
     return replace_arg(args, "--out", tmp / "report.pdf")
 
 
+def _params(text: bytes):
+    def build(w, tmp, stage, args, out):
+        (tmp / "params.yaml").write_bytes(text)
+        return replace_arg(args, "--params", tmp / "params.yaml")
+    return build
+
+
+def _checkpoint(change: Callable[[Path], None], rehash: bool = False):
+    """--model replaced by a copy of the world's checkpoint with change(copy) applied (rehash: the
+    manifest updated to match, so the change itself is what the stage meets)."""
+    def build(w, tmp, stage, args, out):
+        ckpt = tmp / "model"
+        shutil.copytree(w["model"], ckpt)
+        change(ckpt)
+        if rehash:
+            manifest = json.loads((ckpt / "manifest.json").read_text())
+            manifest = {n: hashlib.sha256((ckpt / n).read_bytes()).hexdigest() for n in manifest}
+            (ckpt / "manifest.json").write_text(json.dumps(manifest))
+        return replace_arg(args, "--model", ckpt)
+    return build
+
+
+CHECKPOINT_STAGES = ("train", "slot_stats", "continual", "evaluate", "update", "gate")
 FACT_STAGES = ("update", "gate", "continual", "evaluate")  # --facts, or facts.jsonl in --data
 GOOD_FACT = facts(QA[:1], "bad")[0]
 
@@ -151,6 +176,22 @@ CASES = [
          lambda w, tmp, stage, args, out: replace_arg(args, "--out", w["model"] / "sub"), "--model"),
     Case("out is an existing file", "exists and is not a directory", _existing_file),
     Case("out is a foreign folder", "not an earlier output", _foreign_folder),
+    Case("params: a single value", "the top level is a single value", _params(b"hello\n")),
+    Case("params: a list", "the top level is a list", _params(b"- train\n- data\n")),
+    Case("params: not UTF-8", "not UTF-8 text", _params(b"train: {device: \xff}\n")),
+    Case("params: not YAML", "not valid YAML", _params(b"train: {seq_len: 64\n")),
+    Case("checkpoint: no manifest", "no manifest.json", _checkpoint(lambda c: (c / "manifest.json").unlink()), stages=CHECKPOINT_STAGES),
+    Case("checkpoint: malformed manifest", "not a valid checkpoint manifest",
+         _checkpoint(lambda c: (c / "manifest.json").write_text('{"model.safetensors": ')), stages=CHECKPOINT_STAGES),
+    Case("checkpoint: manifest not a mapping", "not a valid checkpoint manifest",
+         _checkpoint(lambda c: (c / "manifest.json").write_text("[1, 2]")), stages=CHECKPOINT_STAGES),
+    Case("checkpoint: malformed config.json", "config.json: not a usable model config",
+         _checkpoint(lambda c: (c / "config.json").write_text("{not json"), rehash=True), stages=CHECKPOINT_STAGES),
+    Case("checkpoint: config.json of an unknown model type", "config.json: not a usable model config",
+         _checkpoint(lambda c: (c / "config.json").write_text('{"model_type": "no-such-model"}'), rehash=True), stages=CHECKPOINT_STAGES),
+    Case("checkpoint: truncated weights", "sha256 does not match",
+         _checkpoint(lambda c: (c / "model.safetensors").write_bytes((c / "model.safetensors").read_bytes()[:1000])),
+         stages=CHECKPOINT_STAGES),
     Case("facts: malformed JSON", "not valid JSON", _fact_bytes(b'{"id": "x", "answers": [\n'), stages=FACT_STAGES),
     Case("facts: not UTF-8", "not UTF-8 text", _fact_bytes(b'{"id": "caf\xe9"}\n'), stages=FACT_STAGES),
     Case("facts: a JSON list, not an object", "expected a JSON object", _fact_bytes(b"[1, 2]\n"), stages=FACT_STAGES),
@@ -186,3 +227,57 @@ def test_bad_input_is_one_line_and_exit_2(case, stage, world, tmp_path, capsys):
     assert case.expect in err, err
     assert tree_hash(world["root"]) == before_world  # every input unchanged
     assert tree_hash(tmp_path) == before_tmp  # nothing written (no output, no staging left behind)
+
+
+# ---- the environment: an unwritable folder, a full disk ----------------------------------------------
+
+WRITING_STAGES = ("train", "slot_stats", "continual", "evaluate", "update", "gate")  # the tiny world's stages
+
+
+@pytest.fixture
+def unwritable(tmp_path) -> Path:
+    """A folder this process cannot create anything in (root ignores permissions: /sys refuses it too)."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o500)
+        return folder
+    try:
+        os.rmdir(tempfile.mkdtemp(dir="/sys"))
+    except OSError:
+        return Path("/sys")
+    pytest.skip("no unwritable folder on this machine")
+
+
+@pytest.mark.parametrize("stage", WRITING_STAGES)
+def test_an_unwritable_output_folder_is_one_line(stage, world, unwritable, capsys):
+    out = unwritable / "slotwise-out"
+    before = tree_hash(world["root"])
+    with pytest.raises(SystemExit) as exc:
+        run_cli(MAINS[stage], stage_args(stage, world, out))
+    err = capsys.readouterr().err  # progress bars (\r) may come first
+    errors = re.findall(r"error: [^\r\n]*", err)
+    assert exc.value.code == 2 and "Traceback" not in err and len(errors) == 1, err
+    assert errors[0].startswith(f"error: {out}") and "cannot write it (" in errors[0], err  # train: its --state first
+    assert not out.exists() and tree_hash(world["root"]) == before
+
+
+def _file_size_limit(limit: int):
+    def limit_writes():  # writes past `limit` bytes fail with EFBIG, as on a full disk (ENOSPC), instead of a signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return limit_writes
+
+
+@pytest.mark.parametrize("stage", ["update", pytest.param("train", marks=pytest.mark.slow), pytest.param("slot_stats", marks=pytest.mark.slow)])
+def test_a_full_disk_is_one_line_and_leaves_nothing(stage, world, tmp_path):
+    """A real `python -m slotwise.components.<stage>` whose writes fail midway (a 2 kB file size limit)."""
+    out = tmp_path / "out"
+    before = tree_hash(world["root"])
+    proc = subprocess.run([sys.executable, "-m", f"slotwise.components.{stage}", *stage_args(stage, world, out)],
+                          preexec_fn=_file_size_limit(2000), capture_output=True, text=True, timeout=900, cwd=REPO)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and "cannot write it (File too large)" in errors[0], proc.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == [], list(tmp_path.iterdir())  # no output, no staging left
+    assert tree_hash(world["root"]) == before
