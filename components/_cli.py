@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from slotwise.errors import USER_ERRORS, ConfigError
-from slotwise.storage import fetch, is_s3, publish
+from slotwise.storage import S3Options, fetch, is_s3, publish
 
 INPUTS = ("params", "model", "data", "stats", "facts", "deltas", "current", "candidate")
 # What an existing output directory must hold to be replaced (anything else is not ours to delete).
@@ -32,6 +32,8 @@ class ComponentParser(argparse.ArgumentParser):
 def component_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = ComponentParser(prog=prog, description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument(UNPUBLISHED, action="store_true",
+                        help="also read s3:// inputs not published by slotwise (no LATEST, no sha256 metadata), unverified")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="params overrides, e.g. retrofit.insert.memory.n_keys=64")
     return parser
 
@@ -77,10 +79,11 @@ def _values(value) -> list[str]:
 def s3_paths(argv: list[str]) -> Iterator[tuple[list[str], tuple[str, str] | None]]:
     """Let every stage take s3:// URIs for its path flags.
 
-    Inputs (--params, --model, --data, --stats, --facts, --deltas) are fetched, checksums verified,
-    into a temporary directory; an --out URI is written locally and published after the stage
-    succeeds (storage.publish: readers see the old artifact or the new one, whole). Yields the
-    rewritten argv and (out URI, local out path) or None.
+    Inputs (--params, --model, --data, --stats, --deltas) are fetched, checksums verified, into a
+    temporary directory (with --s3-unpublished, also prefixes and objects slotwise did not publish,
+    unverified); --facts URIs are passed on (the stage reads them: drops are plain uploads); an --out
+    URI is written locally and published after the stage succeeds (storage.publish: readers see the
+    old artifact or the new one, whole). Yields the rewritten argv and (out URI, local out path) or None.
     """
     if not any(is_s3(a) for a in argv):
         yield argv, None
@@ -88,6 +91,7 @@ def s3_paths(argv: list[str]) -> Iterator[tuple[list[str], tuple[str, str] | Non
     tmp = Path(tempfile.mkdtemp(prefix="slotwise-s3-"))
     out = None
     new = list(argv)
+    options = S3Options(allow_unpublished=UNPUBLISHED in argv)
     try:
         for i, value in enumerate(argv):
             if not is_s3(value):
@@ -97,15 +101,18 @@ def s3_paths(argv: list[str]) -> Iterator[tuple[list[str], tuple[str, str] | Non
                 local = tmp / "out" / value.rstrip("/").rsplit("/", 1)[-1]
                 out, new[i] = (value, str(local)), str(local)
             elif flag in S3_INPUT_FLAGS:
-                new[i] = str(fetch(value, tmp / f"in{i}"))
-            else:
-                raise ConfigError(f"{flag or 'argument'} {value}: s3:// URIs are accepted for {', '.join(S3_INPUT_FLAGS)} and --out only")
+                new[i] = str(fetch(value, tmp / f"in{i}", options))
+            elif flag not in S3_PASSED_FLAGS:
+                raise ConfigError(f"{flag or 'argument'} {value}: s3:// URIs are accepted for "
+                                  f"{', '.join(S3_INPUT_FLAGS + S3_PASSED_FLAGS)} and --out only")
         yield new, out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-S3_INPUT_FLAGS = ("--params", "--model", "--data", "--stats", "--facts", "--deltas")
+S3_INPUT_FLAGS = ("--params", "--model", "--data", "--stats", "--deltas")
+S3_PASSED_FLAGS = ("--facts",)  # the stage reads these URIs itself (slotwise.continual.nightly.fact_files)
+UNPUBLISHED = "--s3-unpublished"
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

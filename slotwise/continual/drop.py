@@ -33,7 +33,7 @@ def snapshot(uri: str, dest: Path) -> dict:
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         if storage.is_s3(uri):  # drop objects are plain uploads: no sha256 metadata to check
-            path = storage.fetch(uri, dest.with_name(dest.name + ".d"), storage.S3Options(require_checksum=False))
+            path = storage.fetch(uri, dest.with_name(dest.name + ".d"), storage.S3Options(allow_unpublished=True))
             path.rename(dest)
         else:
             with open_regular(uri, follow_symlinks=False) as f:

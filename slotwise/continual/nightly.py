@@ -68,16 +68,17 @@ def jsonl_files(location: str) -> list[str]:
 
 
 def fact_files(sources: list[str], workdir: Path) -> list[Path]:
-    """Each --facts source (file or folder, local or s3://) -> local *.jsonl files, sorted per source."""
+    """Each --facts source (file or folder, local or s3://) -> local *.jsonl files, sorted per source.
+
+    An s3:// source may be a slotwise publish (verified), a single object or a plain prefix (facts are
+    dropped by other tools: read unverified, then validated line by line like any facts file)."""
     files: list[Path] = []
     for i, src in enumerate(sources):
-        if storage.is_s3(src):
-            for j, uri in enumerate(jsonl_files(src) or [src]):  # drop files are plain objects: no sha256 metadata
-                files.append(storage.fetch(uri, workdir / f"facts-{i}-{j}", storage.S3Options(require_checksum=False)))
-        elif Path(src).is_dir():
-            files.extend(Path(f) for f in jsonl_files(src))
-        elif Path(src).exists():  # read_jsonl refuses what is not a regular file (a FIFO, ...) with one line
-            files.append(Path(src))
+        path = storage.fetch(src, workdir / f"facts-{i}", storage.S3Options(allow_unpublished=True)) if storage.is_s3(src) else Path(src)
+        if path.is_dir():
+            files.extend(Path(f) for f in jsonl_files(str(path)))
+        elif path.exists():  # read_jsonl refuses what is not a regular file (a FIFO, ...) with one line
+            files.append(path)
         else:
             raise FileNotFoundError(f"{src}: no such facts file or folder")
     return files
