@@ -12,6 +12,7 @@ GritParams), so an unknown param is refused like any unknown key.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,19 +232,56 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
             raise _one_line(exc, f"override {item!r}", base) from None
+        except yaml.YAMLError as exc:  # the value is read as YAML: `[1`, `{a`
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(exc, 'problem', None) or 'parse error'})") from None
     if "continual" in cfg:
         _type_methods(cfg, where)
     try:
         check(cfg)  # every field constraint (slotwise.schema), before any object is built
-        return OmegaConf.to_object(cfg)
+        params = OmegaConf.to_object(cfg)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     except OmegaConfBaseException as exc:
         raise _one_line(exc, where, base) from None
+    # Values read from the environment (often secrets) are written back as their ${oc.env:...} expression.
+    object.__setattr__(params, ENV_INTERPOLATIONS, _env_interpolations(OmegaConf.to_container(cfg, resolve=False)))
+    return params
+
+
+ENV_INTERPOLATIONS = "_env_interpolations"
+
+
+def _interpolations(node, key: str = "") -> dict[str, str]:
+    """{dotted key: raw value} of every value holding an interpolation (${...})."""
+    if isinstance(node, dict):
+        return {k: v for name, child in node.items() for k, v in _interpolations(child, f"{key}.{name}" if key else str(name)).items()}
+    if isinstance(node, list):
+        return {k: v for i, child in enumerate(node) for k, v in _interpolations(child, f"{key}[{i}]").items()}
+    return {key: node} if isinstance(node, str) and "${" in node else {}
+
+
+def _env_interpolations(container: dict) -> dict[str, str]:
+    """The interpolated values that depend on an environment variable: directly (${oc.env:...}) or
+    through another key that does (train.sft_data: ${data.local_dir}/... with local_dir from the env)."""
+    raw = _interpolations(container)
+    env = {k for k, v in raw.items() if "oc.env:" in v}
+    grew = True
+    while grew:
+        grew = False
+        for k, v in raw.items():
+            refs = re.findall(r"\$\{([^}:$]+)\}", v)
+            if k not in env and any(r == e or e.startswith(r + ".") or r.startswith(e + ".") for r in refs for e in env):
+                env.add(k)
+                grew = True
+    return {k: raw[k] for k in sorted(env)}
 
 
 def to_yaml(params: Any) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(params))
+    """The params as YAML; what load_params read from the environment stays an ${oc.env:...} expression."""
+    cfg = OmegaConf.structured(params)
+    for key, raw in getattr(params, ENV_INTERPOLATIONS, {}).items():
+        OmegaConf.update(cfg, key, raw, force_add=True)
+    return OmegaConf.to_yaml(cfg)
 
 
 def write_resolved(params: Any, out_dir: str | Path, name: str = "params.resolved.yaml") -> Path:

@@ -180,6 +180,8 @@ CASES = [
     Case("params: a list", "the top level is a list", _params(b"- train\n- data\n")),
     Case("params: not UTF-8", "not UTF-8 text", _params(b"train: {device: \xff}\n")),
     Case("params: not YAML", "not valid YAML", _params(b"train: {seq_len: 64\n")),
+    Case("override: not YAML", "the value is not valid YAML", lambda w, tmp, stage, args, out: args + ["train.seq_len=[1"]),
+    Case("override: unknown key", "unknown key 'train.seq_lenn'", lambda w, tmp, stage, args, out: args + ["train.seq_lenn=3"]),
     Case("checkpoint: no manifest", "no manifest.json", _checkpoint(lambda c: (c / "manifest.json").unlink()), stages=CHECKPOINT_STAGES),
     Case("checkpoint: malformed manifest", "not a valid checkpoint manifest",
          _checkpoint(lambda c: (c / "manifest.json").write_text('{"model.safetensors": ')), stages=CHECKPOINT_STAGES),
