@@ -28,7 +28,7 @@ from slotwise.errors import ConfigError
 from slotwise.evaluation.params import EvaluateParams
 from slotwise.models import DEFAULT_MODEL
 from slotwise.retrofit import RetrofitConfig, RetrofitMode
-from slotwise.schema import Choice, Device, Dtype, Task, at_least, between, check, omegaconf_error, positive
+from slotwise.schema import Choice, Device, Dtype, Task, at_least, between, block_len, check, layer_indices, number, omegaconf_error, positive
 from slotwise.slot_stats import DocUnit
 from slotwise.sources import Source
 from slotwise.testbed import TestbedParams, check_params as check_testbed_params
@@ -74,17 +74,17 @@ class DataParams:
     local_dir: str = "data"  # the repository's data/ (relative to where the stage runs)
     seed: int = 0
     facts_from: FactSource = FactSource.triviaqa
-    n_facts: int = 200
+    n_facts: int = positive(200)
     n_paraphrases: int = between(1, 11, 8)
     mark_known: bool = True  # greedy-answer every probe with the base model and mark what it knows
     mark_known_model: str = "${retrofit.base_model}"
-    mark_known_batch_size: int = 16
+    mark_known_batch_size: int = positive(16)
     background: BackgroundCorpus = BackgroundCorpus.wikipedia
-    background_max_docs: int | None = None  # None = all
-    stats_docs: int = 400  # held-out documents for slot statistics (document frequencies)
-    heldout_docs: int = 300  # held-out documents for perplexity
+    background_max_docs: int | None = positive(None)  # None = all
+    stats_docs: int = positive(400)  # held-out documents for slot statistics (document frequencies)
+    heldout_docs: int = positive(300)  # held-out documents for perplexity
     tasks: list[Task] = field(default_factory=lambda: list(Task))
-    task_limit: int = 500  # examples kept per evaluation task
+    task_limit: int = positive(500)  # examples kept per evaluation task
     testbed: TestbedParams = field(default_factory=TestbedParams)  # used when facts_from is testbed
 
     def __post_init__(self):
@@ -105,14 +105,14 @@ class PretrainVariant(Choice):
 class PretrainParams:
     """A small Llama-style model trained from scratch: with memory, or dense at the same FLOPs."""
     variant: PretrainVariant = PretrainVariant.memory  # memory (retrofit.insert.memory, either kind) | dense (iso-FLOP)
-    hidden_size: int = 256
-    num_layers: int = 6
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 768
-    memory_layers: list[int] = field(default_factory=lambda: [3])
+    hidden_size: int = positive(256)
+    num_layers: int = positive(6)
+    num_heads: int = positive(4)
+    num_kv_heads: int = positive(2)
+    intermediate_size: int = positive(768)
+    memory_layers: list[int] = layer_indices(lambda: [3], below="num_layers")
     memory_mode: RetrofitMode = RetrofitMode.additive  # additive: FFN + memory | replace: the memory instead of the layer's FFN
-    memory_out_init_std: float = 0.02
+    memory_out_init_std: float = number(0.02, low=0)
     tokenizer_vocab: int | None = at_least(300, None, "at least 300")  # None: the tokenizer of --model; N: a byte-level BPE of N tokens fitted to the training text
 
 
@@ -126,13 +126,13 @@ class TrainMode(Choice):
 class TrainParams:
     mode: TrainMode = TrainMode.heal
     device: Device = Device.auto
-    seq_len: int = 128
-    batch_size: int = 8
-    max_docs: int | None = 3000  # background documents tokenized for heal / pretrain (None: all)
-    eval_batches: int = 4  # held-out batches for early stopping
-    report_batches: int = 16  # held-out background batches for the usage / specificity report
+    seq_len: int = block_len(128)
+    batch_size: int = positive(8)
+    max_docs: int | None = positive(3000)  # background documents tokenized for heal / pretrain (None: all)
+    eval_batches: int = positive(4)  # held-out batches for early stopping
+    report_batches: int = positive(16)  # held-out background batches for the usage / specificity report
     sft_data: str = "${data.local_dir}/sft/gsm8k.train.jsonl"
-    sft_max_examples: int | None = 2000
+    sft_max_examples: int | None = positive(2000)
     loop: LoopParams = field(default_factory=LoopParams)
     pretrain: PretrainParams = field(default_factory=PretrainParams)
 
@@ -140,9 +140,9 @@ class TrainParams:
 @dataclass
 class NightlyEvalParams:
     """The gate's quick retention evaluation (candidate vs the served model)."""
-    known_screen: int = 150  # data/tasks/triviaqa.jsonl questions screened for what the served model knows
-    ppl_blocks: int = 8  # held-out perplexity blocks (data/background/heldout.jsonl)
-    ppl_seq_len: int = positive(128)
+    known_screen: int = at_least(0, 150, "an integer >= 0")  # data/tasks/triviaqa.jsonl questions screened for what the served model knows
+    ppl_blocks: int = positive(8)  # held-out perplexity blocks (data/background/heldout.jsonl)
+    ppl_seq_len: int = block_len(128)
     tasks: list[Task] = field(default_factory=list)  # optional lm-eval tasks, e.g. [hellaswag, arc_easy, piqa]
     task_limit: int = positive(40)
     batch_size: int = positive(8)
@@ -157,7 +157,7 @@ class NightlyParams:
     include_statement: bool = True
     max_len: int = positive(96)  # tokens per paraphrase
     max_facts: int | None = positive(None)  # facts per run (None: every new one)
-    max_retention_drop: float = at_least(0, 0.05, "a fraction >= 0")  # gate: reject if any retention metric drops more than this (relative)
+    max_retention_drop: float = number(0.05, low=0)  # gate: reject if any retention metric drops more than this (relative)
     eval: NightlyEvalParams = field(default_factory=NightlyEvalParams)
     device: Device = Device.auto
     seed: int = 0
@@ -190,7 +190,7 @@ def _type_methods(cfg: DictConfig, where: str) -> None:
 
 
 def _load_yaml(path: Path) -> DictConfig:
-    """A params file -> DictConfig; ConfigError if it is not UTF-8 YAML whose top level is a mapping."""
+    """A params file -> DictConfig; ConfigError if it is empty, or not UTF-8 YAML whose top level is a mapping."""
     try:
         text = path.read_bytes().decode("utf-8")
         top = yaml.compose(text, Loader=yaml.SafeLoader)  # the document's shape, before OmegaConf reads a scalar as a key
@@ -199,8 +199,8 @@ def _load_yaml(path: Path) -> DictConfig:
     except yaml.YAMLError as exc:  # scanner/parser errors carry a line number in their text
         where = " ".join(str(exc).replace('in "<unicode string>", ', "").split())
         raise ConfigError(f"{path}: not valid YAML ({where})") from None
-    if top is None:
-        return OmegaConf.create({})
+    if top is None:  # the schema's defaults are not params.yaml's: running on them would surprise
+        raise ConfigError(f"{path}: empty (expected the stage sections, e.g. 'train:'; start from the repository's params.yaml)")
     if not isinstance(top, yaml.MappingNode):
         shape = "a list" if isinstance(top, yaml.SequenceNode) else "a single value"
         raise ConfigError(f"{path}: the top level is {shape} (expected a mapping of stage sections, e.g. 'train:')")

@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 
 from slotwise.atomic import staged_dir
 from slotwise.distributed import Dist
-from slotwise.errors import CheckpointError
+from slotwise.errors import CheckpointError, DivergedError
 from slotwise.optim import OptimParams, build_optimizers, build_schedulers, trainable_groups
 from slotwise.retrofit import record_lookups
-from slotwise.schema import Choice
+from slotwise.schema import Choice, number, positive
 
 log = logging.getLogger("slotwise.train")
 
@@ -42,17 +42,17 @@ class Trainable(Choice):
 
 @dataclass
 class LoopParams:
-    max_steps: int = 60
-    eval_every: int = 20
-    early_stop_patience: int | None = 3  # evals without improvement before stopping; None: never
-    max_minutes: float | None = None  # time budget: stop (keeping the best weights) after this many minutes
-    save_every: int = 10
+    max_steps: int = positive(60)
+    eval_every: int = positive(20)
+    early_stop_patience: int | None = positive(3)  # evals without improvement before stopping; None: never
+    max_minutes: float | None = number(None, low=0)  # time budget: stop (keeping the best weights) after this many minutes
+    save_every: int = positive(10)
     seed: int = 0
-    balance_weight: float = 0.03  # sub-key balancing loss (0 disables)
+    balance_weight: float = number(0.03, low=0)  # sub-key balancing loss (0 disables)
     # Distillation for memories that REPLACE an FFN: each memory's output is also regressed onto
     # the removed FFN's output on the same input (the base model's FFN, frozen; a dense per-token
     # target the LM loss alone gives only through the layers above). 0 disables.
-    distil_weight: float = 0.0
+    distil_weight: float = number(0.0, low=0)
     trainable: Trainable = Trainable.memory
     optim: OptimParams = field(default_factory=OptimParams)
 
@@ -260,6 +260,8 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
             loss, stats = lm_loss(model, batch, p.balance_weight, teachers, p.distil_weight)
             if dist is not None:  # the record holds the global batch's loss: the mean of the ranks' means
                 stats["lm_loss"] = dist.sum([stats["lm_loss"]])[0] / dist.world
+            # with dist: the global batch's loss, so every rank stops at the same step
+            _finite_or_stop("training", loss.item() if dist is None else stats["lm_loss"], step + 1)
             for o in opts.values():
                 o.zero_grad(set_to_none=True)
             loss.backward()
@@ -278,6 +280,7 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
                 out_of_time = dist.sum([float(out_of_time)])[0] > 0
             if (step + 1) % p.eval_every == 0 or step + 1 == p.max_steps or out_of_time:  # the last steps count too
                 ev = eval_loss(model, eval_batches, dist)
+                _finite_or_stop("held-out", ev, step + 1)
                 entry["eval_loss"] = ev
                 if ev < record["best_eval_loss"]:
                     record.update(best_eval_loss=ev, best_step=step + 1, evals_without_improvement=0)
@@ -312,6 +315,13 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
     model.eval()
     record["best_eval_ppl"] = math.exp(record["best_eval_loss"])
     return record
+
+
+def _finite_or_stop(which: str, loss: float, step: int) -> None:
+    """A NaN / infinite loss ends the run with one line (DivergedError): its weights are not a result."""
+    if not math.isfinite(loss):
+        raise DivergedError(f"the {which} loss became {loss} at step {step}: the run diverged (learning rates in "
+                            f"train.loop.optim too high?); nothing was written as its result")
 
 
 def _memories(model):

@@ -124,6 +124,10 @@ def _params(text: bytes):
     return build
 
 
+def _override(*items: str):
+    return lambda w, tmp, stage, args, out: args + list(items)
+
+
 def _checkpoint(change: Callable[[Path], None], rehash: bool = False):
     """--model replaced by a copy of the world's checkpoint with change(copy) applied (rehash: the
     manifest updated to match, so the change itself is what the stage meets)."""
@@ -182,6 +186,24 @@ CASES = [
     Case("params: not YAML", "not valid YAML", _params(b"train: {seq_len: 64\n")),
     Case("override: not YAML", "the value is not valid YAML", lambda w, tmp, stage, args, out: args + ["train.seq_len=[1"]),
     Case("override: unknown key", "unknown key 'train.seq_lenn'", lambda w, tmp, stage, args, out: args + ["train.seq_lenn=3"]),
+    Case("params: empty", "empty (expected the stage sections", _params(b"# nothing here\n")),
+    Case("params: memory layers []", "key 'retrofit.insert.layers': expected a non-empty list", _override("retrofit.insert.layers=[]")),
+    Case("params: memory layers [1, 1]", "key 'retrofit.insert.layers'", _override("retrofit.insert.layers=[1,1]")),
+    Case("params: memory layers [-1]", "key 'retrofit.insert.layers'", _override("retrofit.insert.layers=[-1]")),
+    Case("params: lr nan", "key 'train.loop.optim.lr_values': expected a finite number > 0, got nan", _override("train.loop.optim.lr_values=nan")),
+    Case("params: lr inf", "key 'train.loop.optim.lr_memory': expected a finite number > 0, got inf", _override("train.loop.optim.lr_memory=inf")),
+    Case("params: save_every 0", "key 'train.loop.save_every': expected a positive integer, got 0", _override("train.loop.save_every=0")),
+    Case("params: seq_len 0", "key 'train.seq_len': expected an integer >= 2", _override("train.seq_len=0")),
+    Case("params: batch_size -1", "key 'train.batch_size': expected a positive integer, got -1", _override("train.batch_size=-1")),
+    Case("params: nightly.smf.lr nan", "key 'nightly.smf.lr': expected a finite number > 0, got nan", _override("nightly.smf.lr=nan")),
+    Case("params: nightly.smf.lr inf", "key 'nightly.smf.lr'", _override("nightly.smf.lr=inf")),
+    Case("params: nightly.smf.lr -1", "key 'nightly.smf.lr': expected a finite number > 0, got -1.0", _override("nightly.smf.lr=-1")),
+    Case("params: max_retention_drop inf", "key 'nightly.max_retention_drop': expected a finite number >= 0, got inf",
+         _override("nightly.max_retention_drop=inf")),
+    Case("params: nightly.eval.ppl_blocks 0", "key 'nightly.eval.ppl_blocks': expected a positive integer, got 0",
+         _override("nightly.eval.ppl_blocks=0")),
+    Case("train: the loss diverges", "loss became", _override("train.loop.optim.lr_values=1e30", "train.loop.optim.lr_memory=1e30",
+                                                              "train.loop.save_every=100"), stages=("train",)),
     Case("checkpoint: no manifest", "no manifest.json", _checkpoint(lambda c: (c / "manifest.json").unlink()), stages=CHECKPOINT_STAGES),
     Case("checkpoint: malformed manifest", "not a valid checkpoint manifest",
          _checkpoint(lambda c: (c / "manifest.json").write_text('{"model.safetensors": ')), stages=CHECKPOINT_STAGES),
@@ -225,8 +247,9 @@ def test_bad_input_is_one_line_and_exit_2(case, stage, world, tmp_path, capsys):
         run_cli(MAINS[stage], args)
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2, err
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    assert case.expect in err, err
+    last = re.split(r"[\r\n]+", err)[-1]  # what came before, if anything, is a closed progress bar
+    assert last.startswith("error: ") and err.count("error:") == 1 and "Traceback" not in err, err
+    assert case.expect in last, err
     assert tree_hash(world["root"]) == before_world  # every input unchanged
     assert tree_hash(tmp_path) == before_tmp  # nothing written (no output, no staging left behind)
 
@@ -283,3 +306,16 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(stage, world, tmp_path):
     assert len(errors) == 1 and "cannot write it (File too large)" in errors[0], proc.stderr[-3000:]
     assert [p.name for p in tmp_path.iterdir()] == [], list(tmp_path.iterdir())  # no output, no staging left
     assert tree_hash(world["root"]) == before
+
+
+def test_memory_layers_the_model_lacks_are_one_line(world, tmp_path, smol_tokenizer, monkeypatch, capsys):
+    """retrofit.insert.layers=[99] can only be refused once the model is loaded (here a 2-layer Llama)."""
+    from conftest import small_llama
+
+    monkeypatch.setattr(retrofit, "load_base_model", lambda source, dtype: (small_llama(len(smol_tokenizer)), smol_tokenizer))
+    with pytest.raises(SystemExit) as exc:
+        run_cli(retrofit.main, ["--params", str(world["params"]), "--out", str(tmp_path / "out"), "retrofit.insert.layers=[99]"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err == ("error: key 'retrofit.insert.layers': layers [99] do not exist: "
+                                           "the model has 2 layers (indices 0..1)"), err
+    assert not any(tmp_path.iterdir())
