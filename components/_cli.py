@@ -17,7 +17,8 @@ from slotwise.storage import S3Options, fetch, is_s3, publish
 
 INPUTS = ("params", "model", "data", "stats", "facts", "deltas", "current", "candidate")
 # What an existing output directory must hold to be replaced (anything else is not ours to delete).
-OUTPUTS = {"out": ("params.resolved.yaml",), "state": ("state.json", "trainer.pt")}
+# Glob patterns; a state written under torchrun holds one folder per rank (slotwise.training.train).
+OUTPUTS = {"out": ("params.resolved.yaml",), "state": ("state.json", "trainer.pt", "rank*-of-*/state.json")}
 
 
 class ComponentParser(argparse.ArgumentParser):
@@ -64,7 +65,7 @@ def check_outputs(ns: argparse.Namespace) -> None:
         p = Path(value)
         if p.is_symlink() or (p.exists() and not p.is_dir()):
             raise ConfigError(f"{flag} {value}: exists and is not a directory; refusing to replace it (a stage writes a directory)")
-        if p.is_dir() and any(p.iterdir()) and not any((p / m).exists() for m in OUTPUTS[dest]):
+        if p.is_dir() and any(p.iterdir()) and not any(any(p.glob(m)) for m in OUTPUTS[dest]):
             raise ConfigError(f"{flag} {value}: an existing folder that is not an earlier output (no {' or '.join(OUTPUTS[dest])}); "
                               f"refusing to replace it")
 

@@ -319,3 +319,19 @@ def test_memory_layers_the_model_lacks_are_one_line(world, tmp_path, smol_tokeni
     assert exc.value.code == 2 and err == ("error: key 'retrofit.insert.layers': layers [99] do not exist: "
                                            "the model has 2 layers (indices 0..1)"), err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_state_written_under_torchrun_is_an_earlier_output(tmp_path):
+    """train --nproc keeps one state folder per rank (<state>/rank<r>-of-<W>/state.json): resuming into it is allowed."""
+    import argparse
+
+    from slotwise.components._cli import check_outputs
+    from slotwise.errors import ConfigError
+
+    state = tmp_path / "out_state"
+    (state / "rank0-of-2").mkdir(parents=True)
+    (state / "rank0-of-2" / "state.json").write_text("{}")
+    check_outputs(argparse.Namespace(out=str(tmp_path / "out"), state=str(state)))
+    (tmp_path / "foreign" / "rank0-of-2").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="not an earlier output"):
+        check_outputs(argparse.Namespace(out=str(tmp_path / "out"), state=str(tmp_path / "foreign")))
