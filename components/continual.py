@@ -48,8 +48,8 @@ from slotwise.continual.frontier import common_levels, expand_sweeps, matched
 from slotwise.continual.selection import load_backgrounds
 from slotwise.continual.updaters import make_updater
 from slotwise.evaluation.perplexity import token_blocks
-from slotwise.retrofit import memory_layers
 from slotwise.facts import check_record
+from slotwise.retrofit import memory_layers
 from slotwise.schema import resolve_device
 from slotwise.sources import read_jsonl
 
