@@ -48,6 +48,7 @@ from slotwise.continual.frontier import common_levels, expand_sweeps, matched
 from slotwise.continual.selection import load_backgrounds
 from slotwise.continual.updaters import make_updater
 from slotwise.evaluation.perplexity import token_blocks
+from slotwise.facts import check_record
 from slotwise.retrofit import memory_layers
 from slotwise.schema import resolve_device
 from slotwise.sources import read_jsonl
@@ -146,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data)
     random.seed(p.seed)
 
-    all_facts = [r for _, r in read_jsonl(data / "facts.jsonl", ("id", "answers", "paraphrases", "probe"))]
+    need = ("id", "answers", "paraphrases", "probe") + (("statement",) if p.include_statement else ())
+    all_facts = []
+    for line, rec in read_jsonl(data / "facts.jsonl", need):
+        check_record(rec, f"{data / 'facts.jsonl'}:{line}", need)
+        all_facts.append(rec)
     facts = [f for f in all_facts if not (p.only_unknown and f.get("known"))][: p.n_facts]
     if len(facts) < p.n_facts:
         log.warning("only %d facts available (asked for %d)", len(facts), p.n_facts)

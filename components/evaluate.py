@@ -25,7 +25,6 @@ Writes, atomically, into --out:
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import math
@@ -39,15 +38,17 @@ from slotwise.atomic import staged_dir
 from slotwise.checkpoint import CheckpointError, MANIFEST, RETROFIT_FILE, is_hf_native, load_checkpoint, model_hash
 from slotwise.components._cli import component_parser, run_cli
 from slotwise.config import ConfigError, load_params, write_resolved
+from slotwise.errors import DataError
 from slotwise.evaluation.facts import fact_acquisition
 from slotwise.evaluation.memory_switch import memory_disabled, memory_mode
 from slotwise.evaluation.params import EvaluateParams
 from slotwise.evaluation.perplexity import heldout_perplexity, token_blocks
 from slotwise.evaluation.plots import score_rows, write_scores
 from slotwise.evaluation.tasks import TaskRun, evaluate_tasks, task_file
+from slotwise.facts import check_record
 from slotwise.models import load_base_model
 from slotwise.schema import resolve_device
-from slotwise.sources import read_jsonl
+from slotwise.sources import open_regular, read_jsonl
 
 log = logging.getLogger("slotwise.evaluate")
 HELDOUT = Path("background") / "heldout.jsonl"
@@ -68,7 +69,11 @@ def drop_skipped_tasks(p: EvaluateParams, data_dir: Path) -> EvaluateParams:
     """Tasks the data stage could not source (listed under "skipped" in its manifest) are left out
     with a warning (e.g. a task no configured source has)."""
     manifest = data_dir / "manifest.json"
-    skipped = json.loads(manifest.read_text()).get("skipped", {}) if manifest.is_file() else {}
+    try:
+        skipped = json.loads(manifest.read_bytes()).get("skipped", {}) if manifest.is_file() else {}
+        assert isinstance(skipped, dict)
+    except (ValueError, AttributeError, AssertionError):
+        raise DataError(f"{manifest}: not a data stage manifest (expected a JSON object with 'skipped': {{task: reason}})") from None
     for task in [t for t in p.tasks if t in skipped]:
         log.warning("skipping task %s: the data stage had no source for it (%s)", task, skipped[task])
     return dataclasses.replace(p, tasks=[t for t in p.tasks if t not in skipped])
@@ -76,10 +81,9 @@ def drop_skipped_tasks(p: EvaluateParams, data_dir: Path) -> EvaluateParams:
 
 def check_data(p: EvaluateParams, data_dir: Path) -> None:
     for path in required_files(p, data_dir):
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"{path}: data file not found (expected the data stage's output under {data_dir})")
-
-
+        open_regular(path).close()  # a folder or a FIFO in its place: one line, not a traceback (or a hang) later
 
 
 def load_model(source: str, dtype: torch.dtype, device: torch.device):
@@ -132,10 +136,10 @@ def evaluate(model, tokenizer, p: EvaluateParams, data_dir: str | Path) -> tuple
         metrics["perplexity"] = perplexity_metrics(model, tokenizer, p, data_dir)
     fact_rows: list[dict] = []
     if p.facts.enabled:
-        facts = [row for _, row in itertools.islice(read_jsonl(data_dir / FACTS, ("probe", "answers")), p.facts.limit)]
+        facts = read_facts(data_dir / FACTS, p.facts.limit)
         metrics["facts"], fact_rows = fact_acquisition(model, tokenizer, facts, p.facts.max_new_tokens, p.batch_size, progress="facts")
         if (data_dir / RETENTION).is_file():  # the testbed's old population (what pretraining taught)
-            old = [row for _, row in itertools.islice(read_jsonl(data_dir / RETENTION, ("probe", "answers")), p.facts.limit)]
+            old = read_facts(data_dir / RETENTION, p.facts.limit)
             metrics["retention"], rows = fact_acquisition(model, tokenizer, old, p.facts.max_new_tokens, p.batch_size, progress="retention")
             fact_rows += [{**r, "set": "retention"} for r in rows]
     return metrics, fact_rows, run
@@ -154,6 +158,17 @@ def write_lm_eval(run: TaskRun, out: Path) -> None:
         (out / "lm_eval_samples").mkdir(exist_ok=True)
         (out / "lm_eval_samples" / f"{name}.jsonl").write_text(
             "".join(json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_facts(path: Path, limit: int | None) -> list[dict]:
+    """The first `limit` facts of a facts.jsonl, each checked (answers, probe); DataError names file:line."""
+    facts = []
+    for line, rec in read_jsonl(path, ("answers", "probe")):
+        check_record(rec, f"{path}:{line}", ("answers", "probe"))
+        facts.append(rec)
+        if limit is not None and len(facts) >= limit:
+            break
+    return facts
 
 
 def _finite(obj):
@@ -196,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = Path(args.data)
     p = drop_skipped_tasks(p, data_dir)
     check_data(p, data_dir)  # before the (slow) model load
+    if p.facts.enabled:  # a malformed fact: one line now, not after the model load
+        for path in (data_dir / FACTS, data_dir / RETENTION):
+            if path.exists():
+                read_facts(path, p.facts.limit)
     device = resolve_device(p.device, "evaluate.device")
     torch.manual_seed(p.seed)
 

@@ -17,6 +17,7 @@ import torch
 from slotwise.checkpoint import save_checkpoint
 from slotwise.components._cli import component_parser, run_cli
 from slotwise.config import RetrofitParams, load_params, to_yaml
+from slotwise.errors import ConfigError
 from slotwise.models import load_base_model
 from slotwise.retrofit import memory_layers, parameter_summary, retrofit
 
@@ -36,7 +37,10 @@ def run_retrofit(p: RetrofitParams):
     t_load = time.perf_counter() - t0
     base_logits = check_logits(model, tokenizer, p.check_prompt)
     torch.manual_seed(p.seed)
-    retrofit(model, p.insert)
+    try:
+        retrofit(model, p.insert)
+    except ValueError as exc:  # layers the loaded model does not have: known only now
+        raise ConfigError(f"key 'retrofit.insert.layers': {exc}") from None
     model.eval()
     new_logits = check_logits(model, tokenizer, p.check_prompt)
     summary = {

@@ -11,7 +11,7 @@
           made for another model
 --facts   new facts, facts.jsonl format (id, answers, paraphrases, probe, statement): a file or a
           folder of *.jsonl files (local or s3://); may be repeated
---out     the new *cumulative* delta directory (delta.safetensors + delta.json): base checkpoint ->
+--out     the new *cumulative* delta directory (delta.safetensors + delta.json, params.resolved.yaml): base checkpoint ->
           served delta -> these facts, i.e. stack(served, new), written atomically
 
 Params: `nightly` (nightly.smf: the SMF schema, slotwise.continual.smf.SMFConfig; steps_per_fact, max_len,
@@ -28,7 +28,7 @@ from pathlib import Path
 from slotwise import storage
 from slotwise.checkpoint import model_hash
 from slotwise.components._cli import component_parser, run_cli
-from slotwise.config import NightlyParams, load_params
+from slotwise.config import NightlyParams, load_params, to_yaml
 from slotwise.continual.delta import save_delta
 from slotwise.continual.nightly import cumulative, fact_files, load_served, read_facts, sparse_update
 from slotwise.continual.selection import load_backgrounds
@@ -71,7 +71,7 @@ def run(args) -> int:
                   "smf": {**dataclasses.asdict(n.smf), "steps_per_fact": n.steps_per_fact},
                   "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         delta = cumulative(served, new, {"base_checkpoint_hash": model_hash(model_dir), "base_model": str(args.model), "update": update})
-        save_delta(delta, args.out)
+        save_delta(delta, args.out, extra_files={"params.resolved.yaml": to_yaml(params)})
     log.info("wrote %s: %s rows changed tonight, %s in the cumulative delta (%.1f kB), loss %.3f -> %.3f (%.0f s)", args.out,
              sum(new.n_rows.values()), sum(delta.n_rows.values()), delta.nbytes / 1e3, losses[0], losses[-1], time.perf_counter() - t0)
     return 0

@@ -7,16 +7,21 @@
 Steps (each a Prefect task calling a component with paths; the flow only orchestrates):
 
     lock       <serve>/.lock, non-blocking: a second concurrent run ends at once ("another update is running")
-    list_new   *.jsonl files under --drop (a local folder or an s3:// prefix) that registry.json does not list
-    fetch      S3 drop files (and an S3 model / slot table) to a local work folder
-    update     `slotwise update`: base checkpoint + served delta, SMF on the new facts -> candidate cumulative delta
+    list_new   *.jsonl entries under --drop (a local folder or an s3:// prefix) that registry.json does not list
+    fetch      a snapshot of each new file (its bytes, read once) and the model / slot table, in a local work folder
+    screen     each file validated on its own: a bad one (not a regular file, not UTF-8 JSON lines, a field of the
+               wrong type, nothing to train on) is quarantined with a one-line reason; the others go on
+    update     `slotwise update`: base checkpoint + served delta, SMF on the good files' facts -> candidate delta
     gate       `slotwise gate`: held-out perplexity, known-fact answers, optional lm-eval tasks; candidate vs served
     record     passed: the candidate becomes the served delta; failed: the served delta stays; either way one
-               registry entry (files consumed, metrics, delta hash, decision and reason)
+               registry entry (files consumed with their status and reason, metrics, delta hash, decision)
 
-Nothing new -> nothing happens (and the result says so). Rejected files count as consumed: they are not
-retried the next night (drop them again under a new name to retry). The logic lives in slotwise/continual/
-(nightly.py: update and gate; serving.py: the serving directory's layout, registry and promotion).
+Nothing new -> nothing happens (and the result says so). Rejected and quarantined files count as consumed:
+they are not retried the next night (drop them again under a new name to retry); a copy of each quarantined
+file is kept in <serve>/quarantine/<run_id>/ (the drop is never modified). A run that fails leaves no
+<serve>/runs/<run_id> behind (a killed one's is collected by the next run). The logic lives in
+slotwise/continual/ (nightly.py: the drop listing, update and gate; drop.py: snapshots and screening; serving.py: the serving
+directory's layout, registry and promotion).
 """
 from __future__ import annotations
 
@@ -33,7 +38,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from slotwise import storage
+from slotwise.config import load_params
 from slotwise.continual import serving
+from slotwise.continual.drop import load_tokenizer, screen, snapshot
 from slotwise.continual.nightly import jsonl_files
 from slotwise.flows.tasks import retry_unless_user_error, run_component
 
@@ -47,12 +54,14 @@ def list_new(drop: str, serve: str) -> list[str]:
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)
 def fetch_files(uris: list[str], dest: str) -> list[dict]:
-    """Drop files -> [{"uri", "path" (local), "sha256"}]; S3 objects are downloaded into dest."""
-    out = []
-    for i, uri in enumerate(uris):
-        path = storage.fetch(uri, Path(dest) / f"{i:04d}", storage.S3Options(require_checksum=False))
-        out.append({"uri": uri, "path": str(path), "sha256": storage.sha256_file(path)})
-    return out
+    """Drop files -> snapshots in dest: [{"uri", "path", "sha256"} | {"uri", "reason"} | {"uri", "skipped"}]."""
+    return [snapshot(uri, Path(dest) / f"{i:04d}.jsonl") for i, uri in enumerate(uris)]
+
+
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)
+def screen_files(files: list[dict], model: str, params: str, overrides: list[str]) -> list[dict]:
+    """Each snapshot validated on its own (with the model's tokenizer); a bad one gets a one-line "reason"."""
+    return screen(files, load_tokenizer(model), load_params(params, overrides).nightly)
 
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)
@@ -84,9 +93,18 @@ def gate(params: str, overrides: list[str], model: str, served: str | None, cand
 
 
 @task(cache_policy=NO_CACHE)
-def record(serve: str, entry: dict, candidate: str | None) -> dict:
-    """Commit the run to the registry; promote the candidate when given (see serving.record)."""
+def record(serve: str, entry: dict, candidate: str | None, quarantined: list[dict]) -> dict:
+    """Keep copies of the quarantined files, commit the run to the registry, promote the candidate when given."""
+    copies = serving.quarantine(serve, entry["run_id"], quarantined)
+    entry["files"] = [{**f, "copy": copies[f["uri"]]} if f["uri"] in copies else f for f in entry["files"]]
     return serving.record(serve, entry, promote_from=candidate)
+
+
+def _file_record(f: dict) -> dict:
+    """What the registry keeps of a consumed file (never its content)."""
+    if "reason" in f:
+        return {"uri": f["uri"], "sha256": f.get("sha256"), "status": "quarantined", "reason": f["reason"]}
+    return {"uri": f["uri"], "sha256": f["sha256"], "status": "accepted"}
 
 
 def _report(entry: dict) -> str:
@@ -110,6 +128,7 @@ def nightly(params: str = "params.yaml", model: str = "runs/train", stats: str =
             log.warning("another update is running (%s): this run does nothing", holder)
             return {"status": "skipped", "reason": f"another update is running ({holder})"}
         served = serving.repair_current(serve)
+        serving.collect_failed_runs(serve)
         new = list_new(drop, serve)
         if not new:
             log.info("nothing new in %s: nothing to do", drop)
@@ -119,16 +138,23 @@ def nightly(params: str = "params.yaml", model: str = "runs/train", stats: str =
         started = serving.now()
         log.info("run %s: %d new file(s) in %s; served: %s", run_id, len(new), drop, served or "the base checkpoint")
         try:
-            files = fetch_files(new, str(work / "drop"))
+            files = [f for f in fetch_files(new, str(work / "drop")) if "skipped" not in f]
+            if not files:
+                shutil.rmtree(work, ignore_errors=True)
+                return {"status": "nothing new", "reason": "no new file could be read (see the warnings)", "served": str(served) if served else None}
             local_model = localize(model, str(work / "inputs"))
-            local_stats = localize(stats, str(work / "inputs"))
-            paths = [f["path"] for f in files]
+            files = screen_files(files, local_model, params, overrides)
+            good = [f for f in files if "reason" not in f]
+            paths = [f["path"] for f in good]
             served_s = str(served) if served else None
-            candidate = update(params, overrides, local_model, served_s, local_stats, paths, str(work / "candidate"))
-            entry = {"run_id": run_id, "started_at": started, "files": [{"uri": f["uri"], "sha256": f["sha256"]} for f in files],
-                     "model": model, "stats": stats}
+            candidate = None
+            if good:
+                local_stats = localize(stats, str(work / "inputs"))
+                candidate = update(params, overrides, local_model, served_s, local_stats, paths, str(work / "candidate"))
+            entry = {"run_id": run_id, "started_at": started, "files": [_file_record(f) for f in files], "model": model, "stats": stats}
             if candidate is None:
-                entry.update(decision="nothing to learn", reason="the new files hold no facts", metrics=None)
+                why = "every new file was quarantined" if not good else "the new files hold no facts"
+                entry.update(decision="nothing to learn", reason=why, metrics=None)
                 promote = None
             else:
                 result = gate(params, overrides, local_model, served_s, candidate, data, paths, str(work / "gate"))
@@ -137,7 +163,13 @@ def nightly(params: str = "params.yaml", model: str = "runs/train", stats: str =
                           else "gate failed: " + "; ".join(result["reasons"]))
                 entry.update(decision="promoted" if passed else "rejected", reason=reason, metrics=result)
                 promote = candidate if passed else None
-            entry = record(serve, entry, promote)
+            quarantined = [f for f in files if "reason" in f]
+            if quarantined:
+                entry["reason"] += f" ({len(quarantined)} of {len(files)} file(s) quarantined)"
+            entry = record(serve, entry, promote, quarantined)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)  # a failed run leaves nothing behind; its files stay new
+            raise
         finally:
             shutil.rmtree(work / "inputs", ignore_errors=True)  # fetched model copies; candidate and gate.json stay
             shutil.rmtree(work / "drop", ignore_errors=True)

@@ -90,35 +90,66 @@ def normalise_tokenizer_config(path: Path) -> None:
 def is_hf_native(ckpt_dir: str | Path) -> bool:
     """Whether config.json is a SlotwiseConfig (format 2, retrofitted) rather than a base model's."""
     path = Path(ckpt_dir) / CONFIG
-    return path.is_file() and json.loads(path.read_text()).get("model_type") == MODEL_TYPE
+    try:
+        return path.is_file() and json.loads(path.read_bytes()).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError, AttributeError):  # unreadable or not an object: load_checkpoint says so in one line
+        return False
+
+
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object file of a checkpoint; CheckpointError (one line) if it is unreadable or not an object."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        why = f"{exc.msg}, line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        raise CheckpointError(f"{path}: not a valid {what} ({why})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: not a valid {what} (expected a JSON object)")
+    return value
 
 
 def read_retrofit_config(ckpt_dir: str | Path) -> RetrofitConfig | None:
     """The checkpoint's retrofit config (config.json's, or format 1's slotwise.json), None for a plain model."""
     ckpt_dir = Path(ckpt_dir)
     if is_hf_native(ckpt_dir):
-        return retrofit_config_from_dict(json.loads((ckpt_dir / CONFIG).read_text())["retrofit"])
+        return _retrofit_config(_read_json(ckpt_dir / CONFIG, "model config").get("retrofit"), ckpt_dir / CONFIG)
     path = ckpt_dir / RETROFIT_FILE
     if not path.is_file():
         return None
-    meta = json.loads(path.read_text())
+    meta = _read_json(path, "slotwise retrofit file")
     if meta.get("retrofit") is None:
         return None
-    return retrofit_config_from_dict(meta["retrofit"])
+    return _retrofit_config(meta["retrofit"], path)
+
+
+def _retrofit_config(d, path: Path) -> RetrofitConfig:
+    try:
+        return retrofit_config_from_dict(d)
+    except Exception as exc:  # noqa: BLE001 - an omegaconf validation error: unknown key, wrong type
+        raise CheckpointError(f"{path}: 'retrofit' is not a valid retrofit config ({str(exc).splitlines()[0]})") from None
+
+
+def read_manifest(ckpt_dir: str | Path) -> dict[str, str]:
+    """{file name: sha256} of a checkpoint; CheckpointError if missing or malformed."""
+    path = Path(ckpt_dir) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir}: no {MANIFEST} (not a complete slotwise checkpoint)")
+    manifest = _read_json(path, "checkpoint manifest")
+    if WEIGHTS not in manifest or not all(isinstance(k, str) and "/" not in k and isinstance(v, str) and len(v) == 64
+                                          for k, v in manifest.items()):
+        raise CheckpointError(f"{path}: not a valid checkpoint manifest (expected {{file name: sha256}} listing {WEIGHTS})")
+    return manifest
 
 
 def model_hash(ckpt_dir: str | Path) -> str:
     """sha256 of a checkpoint's weights, as recorded in its manifest."""
-    manifest = Path(ckpt_dir) / MANIFEST
-    if not manifest.is_file():
-        raise CheckpointError(f"{ckpt_dir}: no {MANIFEST} (not a slotwise checkpoint)")
-    return json.loads(manifest.read_text())[WEIGHTS]
+    return read_manifest(ckpt_dir)[WEIGHTS]
 
 
 def verify_checkpoint(ckpt_dir: str | Path) -> None:
     """Refuse a checkpoint whose files do not match its manifest (truncated or tampered)."""
     ckpt_dir = Path(ckpt_dir)
-    manifest = json.loads((ckpt_dir / MANIFEST).read_text())
+    manifest = read_manifest(ckpt_dir)
     for name, digest in manifest.items():
         path = ckpt_dir / name
         if not path.is_file():
@@ -132,10 +163,15 @@ def load_checkpoint(ckpt_dir: str | Path, dtype: torch.dtype = torch.float32, de
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / WEIGHTS).is_file():
         raise CheckpointError(f"{ckpt_dir}: no {WEIGHTS}; expected a directory written by slotwise")
-    if verify and (ckpt_dir / MANIFEST).is_file():
+    # save_checkpoint always writes slotwise.json and manifest.json; a SlotwiseForCausalLM's
+    # save_pretrained writes neither (nothing to verify against).
+    if verify and ((ckpt_dir / MANIFEST).exists() or (ckpt_dir / RETROFIT_FILE).exists()):
         verify_checkpoint(ckpt_dir)
-    config = SlotwiseConfig.from_pretrained(ckpt_dir).text_config if is_hf_native(ckpt_dir) else AutoConfig.from_pretrained(ckpt_dir)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        config = SlotwiseConfig.from_pretrained(ckpt_dir).text_config if is_hf_native(ckpt_dir) else AutoConfig.from_pretrained(ckpt_dir)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # transformers' errors for a broken config.json
+        raise CheckpointError(f"{ckpt_dir / CONFIG}: not a usable model config ({_first_line(exc)})") from None
     cfg = read_retrofit_config(ckpt_dir)
     if cfg is not None:
         retrofit(model, cfg)
@@ -148,8 +184,18 @@ def load_checkpoint(ckpt_dir: str | Path, dtype: torch.dtype = torch.float32, de
     model.to(device).eval()
     # config= : without it AutoTokenizer reads config.json, and a SlotwiseConfig there would make it
     # ask (interactively) whether to run the checkpoint's code.
-    tokenizer = AutoTokenizer.from_pretrained(ckpt_dir, config=config) if (ckpt_dir / "tokenizer_config.json").is_file() else None
+    tokenizer = None
+    if (ckpt_dir / "tokenizer_config.json").is_file():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(ckpt_dir, config=config)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{ckpt_dir}: the saved tokenizer does not load ({_first_line(exc)})") from None
     return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split(". ")[0].split())
+    return (text[:200] or type(exc).__name__)
 
 
 def _stored_under_another_name(model, key: str, missing: list[str]) -> bool:
@@ -160,4 +206,5 @@ def _stored_under_another_name(model, key: str, missing: list[str]) -> bool:
     return any(p is params[key] and name != key and name not in missing for name, p in params.items())
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_retrofit_config", "is_hf_native", "model_hash", "verify_checkpoint", "memory_layers"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_retrofit_config", "read_manifest", "is_hf_native", "model_hash",
+           "verify_checkpoint", "memory_layers"]

@@ -35,8 +35,13 @@ class RegistryError(CheckpointError):
     """An unreadable or inconsistent serving directory (the nightly update's promotion registry)."""
 
 
+class DivergedError(ValueError):
+    """A training run whose loss became NaN or infinite (its params, e.g. a learning rate, are the cause):
+    it stops and writes nothing as its result."""
+
+
 class StorageError(RuntimeError):
     """An artifact could not be read or written; the message is one line naming the URI."""
 
 
-USER_ERRORS = (ConfigError, DataError, ModelSourceError, CheckpointError, StorageError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, ModelSourceError, CheckpointError, DivergedError, StorageError, FileNotFoundError)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from slotwise.errors import DataError
+
 # Probes are asked two-shot: without the examples the instruct model answers in prose or not at
 # all (a screen of 48 TriviaQA questions: 0 exact matches zero-shot, clean short answers two-shot).
 FEW_SHOT = (
@@ -46,6 +48,48 @@ class Fact:
     probe: str
     known: bool | None = None  # does the base model already answer the probe? (None: not checked)
     extra: dict = field(default_factory=dict)
+
+
+RECORD_FIELDS = ("id", "answers", "statement", "paraphrases", "probe")  # what a facts.jsonl row must hold
+
+
+def _kind(value) -> str:
+    """What a JSON value is, for an error message that never repeats the content."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "an empty string" if not value.strip() else "a string"
+    if isinstance(value, list):
+        inner = sorted({_kind(v).removeprefix("an ").removeprefix("a ") for v in value})
+        return "an empty list" if not value else f"a list holding {', '.join(inner)}"
+    return {dict: "an object", bool: "a boolean"}.get(type(value), type(value).__name__)
+
+
+def check_record(rec: dict, where: str, fields: tuple[str, ...] = RECORD_FIELDS) -> None:
+    """The fields of a facts.jsonl record that a stage uses have the types it needs, and the first
+    answer occurs in the texts trained on; DataError naming `where` and the field (not the content)."""
+    def need(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            raise DataError(f"{where}: field '{key}' must be {expected} (got {_kind(rec.get(key))})")
+
+    def text(value) -> bool:
+        return isinstance(value, str) and bool(value.strip())
+
+    for key in fields:
+        value = rec.get(key)
+        if key == "id":
+            need(text(value) or (isinstance(value, int) and not isinstance(value, bool)), key, "a non-empty string")
+        elif key == "answers":
+            need(isinstance(value, list) and bool(value) and all(text(a) for a in value), key, "a non-empty list of non-empty strings")
+        elif key == "paraphrases":
+            need(isinstance(value, list) and all(text(a) for a in value), key, "a list of non-empty strings")
+        else:  # statement, probe
+            need(text(value), key, "a non-empty string")
+    if "answers" in fields and "paraphrases" in fields:
+        texts = rec["paraphrases"] + ([rec["statement"]] if "statement" in fields else [])
+        if not any(rec["answers"][0].strip() in t for t in texts):
+            raise DataError(f"{where}: the first of 'answers' occurs in none of the 'paraphrases'"
+                            f"{' or the statement' if 'statement' in fields else ''} (nothing to train on)")
 
 
 def _clean_question(q: str) -> str:

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slotwise import kernels
-from slotwise.schema import Choice, at_most, check, constrained, even, positive
+from slotwise.schema import Choice, at_most, check, constrained, even, number, positive
 
 
 class Balance(Choice):
@@ -79,13 +79,13 @@ class MemoryConfig:
     heads: int = positive(4)
     knn: int = at_most("n_keys", 16)  # slots read per head and token
     k_dim: int = even(256)  # query / key width (two halves of k_dim // 2)
-    v_dim: int | None = None  # value row width; None = the model's hidden size
+    v_dim: int | None = positive(None)  # value row width; None = the model's hidden size
     memory_plus: bool = True  # gate the read-out: W2(y * silu(W1 x))
     query_norm: bool = True  # layer norm on each head's query (keeps slot usage from collapsing)
     shared_values: bool = False  # one value pool shared by every memory layer
     sparse_grad: bool = False  # values get sparse gradients (for SparseAdam on ~1M-row pools)
-    value_init_std: float | None = None  # None = v_dim ** -0.5
-    out_init_std: float = 0.0  # W2 init; 0 makes a retrofit exactly the base model
+    value_init_std: float | None = number(None, low=0, open_low=True)  # None = v_dim ** -0.5
+    out_init_std: float = number(0.0, low=0)  # W2 init; 0 makes a retrofit exactly the base model
     balance: Balance = Balance.soft  # sub-key balancing loss in training mode (see ProductKeyMemory.balance_loss)
     chapters: ChapterConfig = field(default_factory=ChapterConfig)  # kind: chapters
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slotwise.retrofit import memory_layers, memory_parameters
-from slotwise.schema import Choice
+from slotwise.schema import Choice, at_least, constrained, number
 
 class Schedule(Choice):
     cosine = "cosine"  # warmup, then cosine decay to min_lr_ratio
@@ -24,15 +24,16 @@ class Schedule(Choice):
 
 @dataclass
 class OptimParams:
-    lr_values: float = 2e-3
-    lr_memory: float = 1e-3
-    lr_base: float = 1e-5
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 10
+    lr_values: float = number(2e-3, low=0, open_low=True)
+    lr_memory: float = number(1e-3, low=0, open_low=True)
+    lr_base: float = number(1e-5, low=0, open_low=True)
+    weight_decay: float = number(0.0, low=0)
+    betas: list[float] = constrained(rule=lambda v, _: None if len(v) == 2 and all(math.isfinite(b) and 0 <= b < 1 for b in v)
+                                     else f"expected two numbers in [0, 1), got {list(v)}", default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = at_least(0, 10, "an integer >= 0")
     schedule: Schedule = Schedule.cosine
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0  # on the dense parameters; 0 disables
+    min_lr_ratio: float = number(0.1, low=0, high=1)
+    grad_clip: float = number(1.0, low=0)  # on the dense parameters; 0 disables
 
 
 def trainable_groups(model, trainable: str) -> dict[str, list[torch.nn.Parameter]]:

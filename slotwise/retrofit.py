@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from slotwise.chapters import ChapterMemory, chapter_param_counts, install_routing, new_bank
 from slotwise.memory import KINDS, MemoryConfig, MemoryOutput, ProductKeyMemory, ValuePool, memory_param_counts
-from slotwise.schema import Choice
+from slotwise.schema import Choice, layer_indices, number
 
 class RetrofitMode(Choice):
     additive = "additive"  # mlp(x) + alpha * memory(x)
@@ -33,9 +33,9 @@ MODES = RetrofitMode.values()
 
 @dataclass
 class RetrofitConfig:
-    layers: list[int] = field(default_factory=lambda: [8, 15, 22])
+    layers: list[int] = layer_indices(lambda: [8, 15, 22])
     mode: RetrofitMode = RetrofitMode.additive
-    alpha: float = 1.0  # scale of the memory branch in additive mode
+    alpha: float = number(1.0)  # scale of the memory branch in additive mode
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
@@ -82,7 +82,7 @@ def retrofit(model: nn.Module, cfg: RetrofitConfig) -> nn.Module:
         raise ValueError("retrofit.layers is empty: name at least one layer index")
     bad = [i for i in cfg.layers if not -n <= i < n]
     if bad:
-        raise ValueError(f"retrofit.layers {bad} out of range for a model with {n} layers")
+        raise ValueError(f"layers {bad} do not exist: the model has {n} layers (indices 0..{n - 1})")
     if len(set(i % n for i in cfg.layers)) != len(cfg.layers):
         raise ValueError(f"retrofit.layers {cfg.layers} names a layer twice")
     hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size

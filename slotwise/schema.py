@@ -20,6 +20,7 @@ configs a library user builds in Python (SMFConfig, GritParams, MemoryConfig, Me
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from enum import Enum
@@ -141,6 +142,40 @@ def at_most(other: str, default: Any) -> Any:
     """A positive integer no larger than the field `other` of the same object."""
     return constrained(default, rule=lambda v, o: "expected a positive integer" if v < 1 else
                        (f"must not exceed {other} ({getattr(o, other)})" if v > getattr(o, other) else None))
+
+
+def number(default: Any, low: float | None = None, high: float | None = None, open_low: bool = False) -> Any:
+    """A finite number (NaN and inf refused: an lr of inf trains to NaN, a gate limit of inf passes
+    anything) in [low, high], or (low, high] with open_low; either bound may be left out."""
+    if low is not None and high is not None:
+        what = f"a number in {'(' if open_low else '['}{low:g}, {high:g}]"
+    elif low is not None:
+        what = f"a finite number {'>' if open_low else '>='} {low:g}"
+    else:
+        what = "a finite number"
+
+    def rule(v, _):
+        ok = math.isfinite(v) and (low is None or (v > low if open_low else v >= low)) and (high is None or v <= high)
+        return None if ok else f"expected {what}"
+    return constrained(default, rule=rule)
+
+
+def layer_indices(default_factory: Callable, below: str | None = None) -> Any:
+    """A non-empty list of distinct layer indices >= 0 (and < the field `below` of the same object)."""
+    def rule(v, o):
+        layers = list(v)
+        if not layers or len(set(layers)) != len(layers) or min(layers) < 0:
+            return f"expected a non-empty list of distinct layer indices >= 0, got {layers}"
+        if below is not None and max(layers) >= getattr(o, below):
+            n = getattr(o, below)
+            return f"expected layer indices in 0..{n - 1} ({below} = {n}), got {layers}"
+        return None
+    return constrained(rule=rule, default_factory=default_factory)
+
+
+def block_len(default: Any) -> Any:
+    """Tokens per block of a next-token loss: at least two."""
+    return at_least(2, default, "an integer >= 2 (a next-token loss needs two tokens)")
 
 
 def unique(default_factory: Callable, by: str | None = None, what: str = "items must be unique") -> Any:

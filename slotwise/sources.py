@@ -20,10 +20,13 @@ Sources (params `data.sources`, tried in order; the first that has a dataset win
 from __future__ import annotations
 
 import ast
+import errno
 import importlib.util
 import json
+import os
+import stat
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from slotwise.errors import DataError
 from slotwise.schema import Choice
@@ -43,19 +46,44 @@ class NotAvailable(LookupError):
     """This source does not have this dataset (try the next source)."""
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, record); a bad line or a missing field raises DataError naming file:line."""
+def open_regular(path: str | Path, follow_symlinks: bool = True) -> BinaryIO:
+    """Open a regular file for reading; DataError for anything else (a FIFO would block the reader,
+    a directory cannot be read; with follow_symlinks=False a symbolic link is refused too)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataError(f"{path}: a symbolic link (refused: expected a regular file)") from None
+        raise DataError(f"{path}: cannot be read ({exc.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise DataError(f"{path}: {kind} (expected a regular file)")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record); a bad line or a missing field raises DataError naming file:line
+    (and what was expected, never the line's content)."""
+    path = Path(path)
+    with open_regular(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (invalid byte at column {exc.start + 1})") from None
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
             missing = [k for k in required if k not in rec]

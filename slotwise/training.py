@@ -1,8 +1,10 @@
 """The training loop shared by heal, SFT and pretraining: resumable to the same final weights.
 
 State that a restart needs lives in a state directory, written atomically every `save_every`
-steps: the trainable parameters (safetensors), optimizer and scheduler states, RNG states, the
-step, the early-stopping record and the history. Batches are a pure function of (seed, step)
+steps: the trainable parameters (safetensors), optimizer and scheduler states and the torch RNG
+state (trainer.pt, read with torch.load(weights_only=True): tensors and plain containers, never
+arbitrary pickled objects), and in state.json the run's fingerprint, the step, the early-stopping
+record, the history and Python's RNG state. The fingerprint is checked before anything else is read. Batches are a pure function of (seed, step)
 (see text_blocks.BlockSchedule), so a run killed at any point and restarted reaches the same
 weights as one that never stopped.
 """
@@ -25,9 +27,10 @@ from tqdm.auto import tqdm
 
 from slotwise.atomic import staged_dir
 from slotwise.distributed import Dist
+from slotwise.errors import CheckpointError, DivergedError
 from slotwise.optim import OptimParams, build_optimizers, build_schedulers, trainable_groups
 from slotwise.retrofit import record_lookups
-from slotwise.schema import Choice
+from slotwise.schema import Choice, number, positive
 
 log = logging.getLogger("slotwise.train")
 
@@ -39,17 +42,17 @@ class Trainable(Choice):
 
 @dataclass
 class LoopParams:
-    max_steps: int = 60
-    eval_every: int = 20
-    early_stop_patience: int | None = 3  # evals without improvement before stopping; None: never
-    max_minutes: float | None = None  # time budget: stop (keeping the best weights) after this many minutes
-    save_every: int = 10
+    max_steps: int = positive(60)
+    eval_every: int = positive(20)
+    early_stop_patience: int | None = positive(3)  # evals without improvement before stopping; None: never
+    max_minutes: float | None = number(None, low=0)  # time budget: stop (keeping the best weights) after this many minutes
+    save_every: int = positive(10)
     seed: int = 0
-    balance_weight: float = 0.03  # sub-key balancing loss (0 disables)
+    balance_weight: float = number(0.03, low=0)  # sub-key balancing loss (0 disables)
     # Distillation for memories that REPLACE an FFN: each memory's output is also regressed onto
     # the removed FFN's output on the same input (the base model's FFN, frozen; a dense per-token
     # target the LM loss alone gives only through the layers above). 0 disables.
-    distil_weight: float = 0.0
+    distil_weight: float = number(0.0, low=0)
     trainable: Trainable = Trainable.memory
     optim: OptimParams = field(default_factory=OptimParams)
 
@@ -138,13 +141,39 @@ def _load_trainable(model, state: dict[str, torch.Tensor]) -> None:
             params[n].copy_(t)
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+STATE_FORMAT = 1
 
 
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
+def _python_rng(state) -> tuple:
+    """random.getstate() after a JSON round trip (lists) -> the tuples random.setstate wants."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def _read_state(state_dir: Path, fingerprint: str | None) -> tuple[dict, dict] | None:
+    """(state.json, trainer.pt) of a resumable state written under this fingerprint, else None.
+
+    trainer.pt is only opened once state.json says the state is this run's, and then without
+    unpickling arbitrary objects; one that does not load is refused (CheckpointError)."""
+    meta_path, tensors_path = state_dir / "state.json", state_dir / "trainer.pt"
+    if not state_dir.is_dir() or not any(state_dir.iterdir()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        assert isinstance(meta, dict) and meta.get("format") == STATE_FORMAT and isinstance(meta.get("record"), dict)
+    except (OSError, ValueError, AssertionError):
+        log.warning("%s holds no state of this slotwise version (no valid state.json); starting over", state_dir)
+        return None
+    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+        log.warning("%s holds the state of another run (other params, model or data); starting over", state_dir)
+        return None
+    try:
+        tensors = torch.load(tensors_path, weights_only=True, map_location="cpu")
+        assert isinstance(tensors, dict) and {"optimizers", "schedulers", "torch_rng"} <= tensors.keys()
+    except Exception as exc:  # noqa: BLE001 - a foreign pickle (refused by weights_only), a truncated file, ...
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise CheckpointError(f"{tensors_path}: not a loadable training state ({reason}); delete {state_dir} to start over") from None
+    return meta, tensors
 
 
 def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p: LoopParams, state_dir: str | Path,
@@ -185,18 +214,18 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
     random.seed(p.seed)
     record = {"history": [], "best_step": 0, "best_eval_loss": None, "evals_without_improvement": 0, "step": 0}
     best_state = None
-    ckpt = torch.load(state_dir / "trainer.pt", weights_only=False) if (state_dir / "trainer.pt").is_file() else None
-    if ckpt is not None and fingerprint is not None and ckpt.get("fingerprint") != fingerprint:
-        log.warning("%s holds the state of another run (other params, model or data); starting over", state_dir)
+    saved = _read_state(state_dir, fingerprint)
+    if saved is None and state_dir.exists():
         clear_state(state_dir)
-        ckpt = None
-    if ckpt is not None:
+    if saved is not None:
+        meta, tensors = saved
         _load_trainable(model, load_file(state_dir / "trainable.safetensors"))
         for k, o in opts.items():
-            o.load_state_dict(ckpt["optimizers"][k])
-            scheds[k].load_state_dict(ckpt["schedulers"][k])
-        _set_rng_state(ckpt["rng"])
-        record = ckpt["record"]
+            o.load_state_dict(tensors["optimizers"][k])
+            scheds[k].load_state_dict(tensors["schedulers"][k])
+        torch.set_rng_state(tensors["torch_rng"])
+        random.setstate(_python_rng(meta["python_rng"]))
+        record = meta["record"]
         if (state_dir / "best.safetensors").is_file():
             best_state = load_file(state_dir / "best.safetensors")
         log.info("resumed from %s at step %d", state_dir, record["step"])
@@ -210,7 +239,9 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
                 save_file(best_state, tmp / "best.safetensors")
             torch.save({"optimizers": {k: o.state_dict() for k, o in opts.items()},
                         "schedulers": {k: s.state_dict() for k, s in scheds.items()},
-                        "rng": _rng_state(), "record": record, "fingerprint": fingerprint}, tmp / "trainer.pt")
+                        "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
+            (tmp / "state.json").write_text(json.dumps({"format": STATE_FORMAT, "fingerprint": fingerprint, "record": record,
+                                                         "python_rng": random.getstate()}))
 
     if record["step"] == 0 and not record["history"]:
         record["best_eval_loss"] = eval_loss(model, eval_batches, dist)
@@ -221,57 +252,62 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
     model.train()
     bar = tqdm(total=p.max_steps, initial=record["step"], desc="train", disable=not progress)
     t_start, steps_here = time.perf_counter(), 0
-    while record["step"] < p.max_steps:
-        step = record["step"]
-        batch = batch_at(step) if dist is None else dist.shard_batch(batch_at(step))
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss, stats = lm_loss(model, batch, p.balance_weight, teachers, p.distil_weight)
-        if dist is not None:  # the record holds the global batch's loss: the mean of the ranks' means
-            stats["lm_loss"] = dist.sum([stats["lm_loss"]])[0] / dist.world
-        for o in opts.values():
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        if p.optim.grad_clip and dist is not None:  # the sharded pools' columns count once
-            stats["grad_norm"] = dist.clip_grad_norm_(dense, [] if sparse_values else groups["values"], p.optim.grad_clip)
-        elif p.optim.grad_clip and dense:
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(dense, p.optim.grad_clip))
-        for k in opts:
-            opts[k].step()
-            scheds[k].step()
-        record["step"] = step + 1
-        steps_here += 1
-        entry = {"step": step + 1, **stats}
-        out_of_time = p.max_minutes is not None and time.perf_counter() - t_start > 60 * p.max_minutes
-        if dist is not None and p.max_minutes is not None:  # every rank stops at the same step
-            out_of_time = dist.sum([float(out_of_time)])[0] > 0
-        if (step + 1) % p.eval_every == 0 or step + 1 == p.max_steps or out_of_time:  # the last steps count too
-            ev = eval_loss(model, eval_batches, dist)
-            entry["eval_loss"] = ev
-            if ev < record["best_eval_loss"]:
-                record.update(best_eval_loss=ev, best_step=step + 1, evals_without_improvement=0)
-                best_state = _trainable_state(model, names)
-            else:
-                record["evals_without_improvement"] += 1
-        record["history"].append(entry)
-        if on_entry:
-            on_entry(entry)
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats['lm_loss']:.3f}", **({"eval": f"{entry['eval_loss']:.3f}"} if "eval_loss" in entry else {}))
-        stop = p.early_stop_patience is not None and record["evals_without_improvement"] >= p.early_stop_patience
-        if out_of_time:
-            stop = True
-            record["stopped_at_time_budget"] = step + 1
-            log.info("stopping at step %d: the time budget of %.1f minutes is spent", step + 1, p.max_minutes)
-        if stop:
-            record["stopped_early_at"] = step + 1
-            record["step"] = p.max_steps  # a resumed run must not continue past an early stop
-        if (step + 1) % p.save_every == 0 or record["step"] >= p.max_steps:
-            save_state()
-        if stop:
-            if not out_of_time:
-                log.info("early stop at step %d: held-out loss has not improved for %d evals", step + 1, p.early_stop_patience)
-            break
-    bar.close()
+    try:
+        while record["step"] < p.max_steps:
+            step = record["step"]
+            batch = batch_at(step) if dist is None else dist.shard_batch(batch_at(step))
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss, stats = lm_loss(model, batch, p.balance_weight, teachers, p.distil_weight)
+            if dist is not None:  # the record holds the global batch's loss: the mean of the ranks' means
+                stats["lm_loss"] = dist.sum([stats["lm_loss"]])[0] / dist.world
+            # with dist: the global batch's loss, so every rank stops at the same step
+            _finite_or_stop("training", loss.item() if dist is None else stats["lm_loss"], step + 1)
+            for o in opts.values():
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            if p.optim.grad_clip and dist is not None:  # the sharded pools' columns count once
+                stats["grad_norm"] = dist.clip_grad_norm_(dense, [] if sparse_values else groups["values"], p.optim.grad_clip)
+            elif p.optim.grad_clip and dense:
+                stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(dense, p.optim.grad_clip))
+            for k in opts:
+                opts[k].step()
+                scheds[k].step()
+            record["step"] = step + 1
+            steps_here += 1
+            entry = {"step": step + 1, **stats}
+            out_of_time = p.max_minutes is not None and time.perf_counter() - t_start > 60 * p.max_minutes
+            if dist is not None and p.max_minutes is not None:  # every rank stops at the same step
+                out_of_time = dist.sum([float(out_of_time)])[0] > 0
+            if (step + 1) % p.eval_every == 0 or step + 1 == p.max_steps or out_of_time:  # the last steps count too
+                ev = eval_loss(model, eval_batches, dist)
+                _finite_or_stop("held-out", ev, step + 1)
+                entry["eval_loss"] = ev
+                if ev < record["best_eval_loss"]:
+                    record.update(best_eval_loss=ev, best_step=step + 1, evals_without_improvement=0)
+                    best_state = _trainable_state(model, names)
+                else:
+                    record["evals_without_improvement"] += 1
+            record["history"].append(entry)
+            if on_entry:
+                on_entry(entry)
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['lm_loss']:.3f}", **({"eval": f"{entry['eval_loss']:.3f}"} if "eval_loss" in entry else {}))
+            stop = p.early_stop_patience is not None and record["evals_without_improvement"] >= p.early_stop_patience
+            if out_of_time:
+                stop = True
+                record["stopped_at_time_budget"] = step + 1
+                log.info("stopping at step %d: the time budget of %.1f minutes is spent", step + 1, p.max_minutes)
+            if stop:
+                record["stopped_early_at"] = step + 1
+                record["step"] = p.max_steps  # a resumed run must not continue past an early stop
+            if (step + 1) % p.save_every == 0 or record["step"] >= p.max_steps:
+                save_state()
+            if stop:
+                if not out_of_time:
+                    log.info("early stop at step %d: held-out loss has not improved for %d evals", step + 1, p.early_stop_patience)
+                break
+    finally:  # a failure ends the bar's line, so the error message gets its own
+        bar.close()
     if steps_here:
         log.info("%d steps, %.2f s per step", steps_here, (time.perf_counter() - t_start) / steps_here)
     if best_state is not None:
@@ -279,6 +315,13 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
     model.eval()
     record["best_eval_ppl"] = math.exp(record["best_eval_loss"])
     return record
+
+
+def _finite_or_stop(which: str, loss: float, step: int) -> None:
+    """A NaN / infinite loss ends the run with one line (DivergedError): its weights are not a result."""
+    if not math.isfinite(loss):
+        raise DivergedError(f"the {which} loss became {loss} at step {step}: the run diverged (learning rates in "
+                            f"train.loop.optim too high?); nothing was written as its result")
 
 
 def _memories(model):

@@ -74,3 +74,26 @@ def test_cli_override_typo_exits_2(tmp_path):
 def test_every_params_profile_is_valid(path):
     params = load_params(path)
     assert params.retrofit.insert.memory.n_keys > 0
+
+
+def test_values_from_the_environment_are_not_written_in_clear(tmp_path, monkeypatch):
+    """${oc.env:...} (and what interpolates it) is used resolved but written back as the expression."""
+    from slotwise.config import to_yaml, write_resolved
+
+    secret = "wJalrXUtnFEMI-K7MDENG-test-secret"
+    monkeypatch.setenv("SLOTWISE_TEST_SECRET", secret)
+    (tmp_path / "p.yaml").write_text('retrofit: {check_prompt: "${oc.env:SLOTWISE_TEST_SECRET}"}\n'
+                                     'data: {local_dir: "/mnt/${oc.env:SLOTWISE_TEST_SECRET}"}\n')
+    p = load_params(tmp_path / "p.yaml", ["evaluate.device=${oc.env:SLOTWISE_TEST_DEVICE,cpu}"])
+    assert p.retrofit.check_prompt == secret and p.train.sft_data == f"/mnt/{secret}/sft/gsm8k.train.jsonl"
+    assert p.evaluate.device == "cpu"
+    text = write_resolved(p, tmp_path / "out").read_text()
+    assert secret not in text and secret not in to_yaml(p)
+    assert "check_prompt: ${oc.env:SLOTWISE_TEST_SECRET}" in text and "sft_data: ${data.local_dir}/sft/gsm8k.train.jsonl" in text
+    again = load_params(tmp_path / "out" / "params.resolved.yaml")  # the written file resolves to the same params
+    assert again.retrofit.check_prompt == secret and again.train.sft_data == p.train.sft_data
+
+
+def test_an_override_that_is_not_yaml_is_one_line():
+    with pytest.raises(ConfigError, match=r"override 'train.seq_len=\[1': the value is not valid YAML"):
+        load_params(ROOT / "params.yaml", ["train.seq_len=[1"])

@@ -139,18 +139,87 @@ def test_a_corrupt_registry_is_refused_and_nothing_is_consumed(world):
 
 
 def test_a_user_error_fails_at_once_without_retries(world, monkeypatch):
-    calls = []
-    real = nightly_mod.run_component
+    calls, params_read = [], []
+    real, real_params = nightly_mod.run_component, nightly_mod.load_params
 
     def counting(stage, args):
         calls.append(stage)
         return real(stage, args)
 
+    def counting_params(*a, **k):
+        params_read.append(a)
+        return real_params(*a, **k)
+
     monkeypatch.setattr(nightly_mod, "run_component", counting)
+    monkeypatch.setattr(nightly_mod, "load_params", counting_params)
     with pytest.raises(ConfigError, match=r"nightly.smf.*top_t"):
         run(world, overrides=["nightly.smf.top_t=0"])
-    assert calls == ["update"]  # the update task has retries=1, but bad params are not retried
+    assert len(params_read) == 1 and calls == []  # the screen task has retries=1, but bad params are not retried
     assert not serving.read_registry(world["serve"])["entries"]  # nothing recorded: the files stay new
+    assert not (world["serve"] / "runs").exists() or not any((world["serve"] / "runs").iterdir())  # nothing left behind
+
+
+def test_bad_drop_files_are_quarantined_and_the_good_ones_learned(world, tmp_path, caplog):
+    """One drop with two good files and every kind of bad one: the good facts are promoted the same night,
+    each bad file is recorded with a one-line reason (no content), a copy kept, and none is retried."""
+    drop = world["drop"]
+    jsonl(drop / "batch2.jsonl", facts(QA[2:], "batch2"))
+    good = facts(QA[:1], "x")[0]
+    secret = "SECRET-CONTENT-7f3a"
+    bad = {
+        "malformed.jsonl": (b'{"id": "' + secret.encode() + b'", "answers": [\n', "not valid JSON"),
+        "latin1.jsonl": (b'{"id": "caf\xe9 ' + secret.encode() + b'"}\n', "not UTF-8"),
+        "probe_null.jsonl": (json.dumps({**good, "probe": None, "id": secret}).encode() + b"\n", "field 'probe'"),
+        "answers_int.jsonl": (json.dumps({**good, "answers": [123]}).encode() + b"\n", "field 'answers'"),
+    }
+    for name, (body, _) in bad.items():
+        (drop / name).write_bytes(body)
+    os.mkfifo(drop / "pipe.jsonl")
+    (drop / "folder.jsonl").mkdir()
+    outside = tmp_path / "outside.jsonl"
+    jsonl(outside, facts(QA[:1], "outside"))
+    (drop / "link.jsonl").symlink_to(outside)
+    expected = {**{n: why for n, (_, why) in bad.items()}, "pipe.jsonl": "a FIFO", "folder.jsonl": "a directory",
+                "link.jsonl": "a symbolic link"}
+    caplog.set_level("INFO")
+    result = run(world)
+    assert result["status"] == "promoted", result
+    files = {Path(f["uri"]).name: f for f in result["entry"]["files"]}
+    assert {n for n, f in files.items() if f["status"] == "accepted"} == {"batch1.jsonl", "batch2.jsonl"}
+    for name, why in expected.items():
+        f = files[name]
+        assert f["status"] == "quarantined" and why in f["reason"] and "\n" not in f["reason"], f
+        assert f["reason"].startswith(str(drop.resolve() / name)), f  # names the drop file, not a snapshot
+    registry_text = (world["serve"] / "registry.json").read_text()
+    assert secret not in registry_text and secret not in caplog.text and "\\xe9" not in caplog.text
+    copies = {n: world["serve"] / f["copy"] for n, f in files.items() if "copy" in f}
+    assert set(copies) == set(bad) and all(copies[n].read_bytes() == bad[n][0] for n in bad)
+    assert load_delta(world["serve"] / "current").meta["update"]["n_facts"] == 4  # both good files, learned
+    assert run(world)["status"] == "nothing new"  # quarantined files are consumed: not retried
+    assert outside.is_file() and (drop / "pipe.jsonl").exists()  # the drop (and what links point to) untouched
+
+
+def test_a_drop_of_only_bad_files_is_recorded_as_nothing_to_learn(world):
+    (world["drop"] / "batch1.jsonl").write_bytes(b"\xff\xfe\n")
+    result = run(world)
+    assert result["status"] == "nothing to learn" and "every new file was quarantined" in result["reason"]
+    assert serving.read_registry(world["serve"])["served"] is None
+    assert run(world)["status"] == "nothing new"
+
+
+def test_a_failed_run_leaves_no_run_folder_and_a_killed_ones_is_collected(world, monkeypatch):
+    killed = world["serve"] / "runs" / "20260101T000000Z-dead00"
+    (killed / "candidate").mkdir(parents=True)  # what a run killed before it recorded leaves
+
+    def broken(stage, args):
+        raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(nightly_mod, "run_component", broken)
+    monkeypatch.setattr(nightly_mod, "update", nightly_mod.update.with_options(retries=0))
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run(world)
+    assert not any((world["serve"] / "runs").iterdir())
+    assert not serving.read_registry(world["serve"])["entries"]  # the files stay new for the next night
 
 
 @pytest.mark.s3

@@ -67,7 +67,7 @@ def test_shared_values_are_one_pool_across_layers():
 
 
 def test_bad_layer_indices_are_refused():
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match=r"do not exist: the model has 4 layers \(indices 0..3\)"):
         retrofit(tiny_model("llama"), tiny_retrofit_cfg().__class__(layers=[7]))
     with pytest.raises(ValueError, match="twice"):
         retrofit(tiny_model("llama"), tiny_retrofit_cfg().__class__(layers=[1, -3]))

@@ -32,6 +32,15 @@ PARAMS = ROOT / "params.yaml"
     ("continual.methods=[{name: a, method: grit, params: {r: 4, r_min: 5}}]",
      "key 'continual.methods[0].params.r_min': must be in [1, r=4], got 5"),
     ("continual.methods=[{name: a, method: smf},{name: a, method: full}]", "key 'continual.methods': method names must be unique"),
+    # ranges (issue 11 item 6): NaN / inf refused where they would train to NaN or let the gate pass anything
+    ("continual.methods=[{name: a, method: smf, params: {lr: .nan}}]", "key 'continual.methods[0].params.lr': expected a finite number > 0, got nan"),
+    ("continual.methods=[{name: a, method: lora, params: {lr: .inf}}]", "key 'continual.methods[0].params.lr': expected a finite number > 0, got inf"),
+    ("train.pretrain.memory_layers=[6]", "key 'train.pretrain.memory_layers': expected layer indices in 0..5 (num_layers = 6), got [6]"),
+    ("train.loop.optim.betas=[0.9,1.0]", "key 'train.loop.optim.betas': expected two numbers in [0, 1), got [0.9, 1.0]"),
+    ("train.loop.optim.min_lr_ratio=2", "key 'train.loop.optim.min_lr_ratio': expected a number in [0, 1], got 2.0"),
+    ("nightly.smf.max_df_fraction=0", "key 'nightly.smf.max_df_fraction': expected a number in (0, 1] or null, got 0.0"),
+    ("continual.ppl_seq_len=1", "key 'continual.ppl_seq_len': expected an integer >= 2 (a next-token loss needs two tokens), got 1"),
+    ("retrofit.insert.alpha=nan", "key 'retrofit.insert.alpha': expected a finite number, got nan"),
 ])
 def test_a_bad_value_is_one_line_naming_the_key_and_the_expectation(override, match):
     with pytest.raises(ConfigError) as info:
@@ -54,6 +63,8 @@ def test_library_configs_built_in_python_are_checked_by_the_same_rules():
         SMFConfig(top_t=0)
     with pytest.raises(ValueError, match=r"key 'memory.knn': must not exceed n_keys \(8\), got 9"):
         MemoryConfig(n_keys=8, knn=9)
+    with pytest.raises(ValueError, match=r"key 'smf.lr': expected a finite number > 0, got inf"):
+        SMFConfig(lr=float("inf"))
     with pytest.raises(ValueError, match=r"smf params: key 'count_on': expected one of \(answer, all\), got 'some'"):
         build_params("smf", {"count_on": "some"})
     assert build_params("smf", {"top_t": 3}) == SMFConfig(top_t=3)

@@ -49,3 +49,22 @@ def test_an_s3_state_dir_is_refused(s3_env, s3_bucket):
     with pytest.raises(Exception, match="s3:// URIs are accepted for"):
         with s3_paths(["--state", f"s3://{s3_bucket}/state"]):
             pass
+
+
+@pytest.mark.s3
+def test_update_reads_facts_from_a_plain_object_and_a_plain_prefix(tmp_path, s3_env, s3_bucket, smol_tokenizer):
+    """`slotwise update --facts s3://...`: drops are plain uploads (no LATEST, no sha256 metadata)."""
+    from slotwise.components import update
+    from slotwise.continual.delta import load_delta
+    from test_update import QA, facts, jsonl, make_world
+
+    w = make_world(tmp_path / "world", smol_tokenizer)
+    c = s3_env.client()
+    for i, batch in enumerate((QA[:2], QA[2:])):
+        c.upload_file(str(jsonl(tmp_path / f"n{i}.jsonl", facts(batch, f"n{i}"))), s3_bucket, f"drop/night{i}.jsonl")
+    base = ["--params", str(w["params"]), "--model", str(w["model"]), "--stats", str(w["stats"])]
+    for source, out, n in ((f"s3://{s3_bucket}/drop/night0.jsonl", tmp_path / "one", 2), (f"s3://{s3_bucket}/drop", tmp_path / "all", 4)):
+        with pytest.raises(SystemExit) as done:
+            run_cli(update.main, base + ["--facts", source, "--out", str(out)])
+        assert done.value.code == 0, source
+        assert load_delta(out).meta["update"]["n_facts"] == n

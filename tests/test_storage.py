@@ -11,6 +11,7 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -69,13 +70,31 @@ def test_inconsistent_checkpoint_is_not_published(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_s3_down_bounded_retries_then_one_line_error(tmp_path, monkeypatch, caplog):
-    """A closed port on loopback: exactly `attempts` requests, growing waits, one StorageError line."""
+def _no_backoff(monkeypatch) -> list[float]:
+    """botocore's own retry delays, recorded instead of slept."""
+    from botocore.retries.standard import ExponentialBackoff
+
+    delays, real = [], ExponentialBackoff.delay_amount
+
+    def record(self, context):
+        delays.append(real(self, context))
+        return 0
+
+    monkeypatch.setattr(ExponentialBackoff, "delay_amount", record)
+    return delays
+
+
+def _credentials(monkeypatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "SLOTWISETESTKEY")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def test_s3_down_bounded_retries_then_one_line_error(tmp_path, monkeypatch, caplog):
+    """A closed port on loopback: botocore makes exactly `attempts` requests, then one StorageError line."""
+    _credentials(monkeypatch)
     (port,) = free_ports(1)  # nothing listens there
-    sent, waits = [], []
+    sent, delays = [], _no_backoff(monkeypatch)
     real_client = storage.client
 
     def counting_client(options=None):
@@ -84,44 +103,75 @@ def test_s3_down_bounded_retries_then_one_line_error(tmp_path, monkeypatch, capl
         return c
 
     monkeypatch.setattr(storage, "client", counting_client)
-    monkeypatch.setattr(storage, "_sleep", waits.append)
-    opts = S3Options(endpoint_url=f"http://127.0.0.1:{port}", attempts=4, backoff_s=0.5, connect_timeout_s=1)
+    opts = S3Options(endpoint_url=f"http://127.0.0.1:{port}", attempts=4, connect_timeout_s=1)
     caplog.set_level(logging.DEBUG)
     with pytest.raises(StorageError) as info:
         storage.fetch("s3://bucket/runs/x", tmp_path, opts)
     msg = str(info.value)
-    assert len(sent) == 4 and len(waits) == 3
-    assert waits == sorted(waits) and 0.25 <= waits[0] <= 0.5 and 1.0 <= waits[2] <= 2.0
-    assert msg.startswith("s3://bucket/runs/x") and "after 4 attempts" in msg and "\n" not in msg
+    assert len(sent) == 4 and len(delays) == 3
+    assert msg.startswith("s3://bucket/runs/x") and "Could not connect" in msg and "\n" not in msg
     sent.clear()
     src = make_dir(tmp_path / "art")
-    with pytest.raises(StorageError, match=r"^s3://bucket/runs/y.*after 4 attempts"):
+    with pytest.raises(StorageError, match=r"^s3://bucket/runs/y.*Could not connect"):
         storage.publish(src, "s3://bucket/runs/y", opts)
     assert len(sent) == 4  # reading the current LATEST fails first; nothing was uploaded
     text = msg + "".join(traceback.format_exception(info.value)) + caplog.text
     assert SECRET_KEY not in text
 
 
-def test_throttling_is_retried_other_errors_are_not(monkeypatch, tmp_path):
-    from botocore.exceptions import ClientError
+class _ScriptedS3:
+    """An HTTP endpoint answering each request with the next scripted (status, S3 error code)."""
 
-    waits, calls = [], []
-    monkeypatch.setattr(storage, "_sleep", waits.append)
+    def __init__(self, script: list[tuple[int, str]]):
+        import http.server
+        import threading
 
-    def flaky(code, fail_times):
-        def fn():
-            calls.append(code)
-            if len(calls) <= fail_times:
-                raise ClientError({"Error": {"Code": code, "Message": "m"}}, "GetObject")
-            return "ok"
-        return fn
+        self.script, self.requests = list(script), []
+        outer = self
 
-    assert storage._retry("read", "s3://b/k", S3Options(attempts=3), flaky("SlowDown", 2)) == "ok"
-    assert len(calls) == 3 and len(waits) == 2
-    calls.clear()
-    with pytest.raises(StorageError, match=r"^s3://b/k: read failed: AccessDenied: m$"):
-        storage._retry("read", "s3://b/k", S3Options(attempts=3), flaky("AccessDenied", 5))
-    assert len(calls) == 1
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                outer.requests.append((self.command, self.path))
+                status, code = outer.script.pop(0) if outer.script else (404, "NoSuchKey")
+                body = f"<Error><Code>{code}</Code><Message>scripted</Message></Error>".encode() if self.command != "HEAD" else b""
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_HEAD = do_PUT = _answer
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_throttling_is_retried_by_botocore_other_errors_are_not(monkeypatch, tmp_path):
+    _credentials(monkeypatch)
+    delays = _no_backoff(monkeypatch)
+    fake = _ScriptedS3([(503, "SlowDown"), (503, "SlowDown"), (404, "NoSuchKey"), (404, "NotFound")])
+    try:
+        assert storage.exists("s3://b/k", S3Options(endpoint_url=fake.url, attempts=3)) is False
+        assert [m for m, _ in fake.requests] == ["GET", "GET", "GET", "HEAD"] and len(delays) == 2  # LATEST read 3 times
+        fake.requests.clear()
+        fake.script = [(403, "AccessDenied")] * 5
+        with pytest.raises(StorageError, match=r"^s3://b/k/LATEST: read commit record failed: AccessDenied: scripted$"):
+            storage.fetch("s3://b/k", tmp_path, S3Options(endpoint_url=fake.url, attempts=3))
+        assert len(fake.requests) == 1
+        fake.requests.clear()
+        fake.script = [(503, "SlowDown")] * 5
+        with pytest.raises(StorageError, match=r"SlowDown: scripted \(after 3 attempts\)"):
+            storage.fetch("s3://b/k", tmp_path, S3Options(endpoint_url=fake.url, attempts=3, retry_mode="adaptive"))
+        assert len(fake.requests) == 3
+    finally:
+        fake.close()
 
     # no credentials anywhere: a one-line hint, not a traceback
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
@@ -129,10 +179,21 @@ def test_throttling_is_retried_other_errors_are_not(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     (port,) = free_ports(1)
     with pytest.raises(StorageError, match="no AWS credentials"):
         storage.exists("s3://b/k", S3Options(endpoint_url=f"http://127.0.0.1:{port}"))
+
+
+def test_the_endpoint_comes_from_botocore_and_options(monkeypatch):
+    _credentials(monkeypatch)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    assert storage.client().meta.endpoint_url == "http://127.0.0.1:9"  # botocore reads the service-specific variable
+    assert storage.client(S3Options(endpoint_url="http://127.0.0.1:8")).meta.endpoint_url == "http://127.0.0.1:8"
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:7")
+    assert storage.client().meta.endpoint_url == "http://127.0.0.1:7"
+    assert storage.client().meta.config.retries == {"mode": "standard", "total_max_attempts": 5}
 
 
 # --------------------------------------------------------------------------- real S3 server
@@ -194,7 +255,7 @@ def test_corrupted_object_is_refused_naming_the_file(s3_env, s3_bucket, tmp_path
     c.put_object(Bucket=s3_bucket, Key="raw.bin", Body=b"no checksum")
     with pytest.raises(StorageError, match=r"raw\.bin: object has no sha256 metadata"):
         storage.fetch(f"s3://{s3_bucket}/raw.bin", cache)
-    got = storage.fetch(f"s3://{s3_bucket}/raw.bin", cache, S3Options(require_checksum=False))
+    got = storage.fetch(f"s3://{s3_bucket}/raw.bin", cache, S3Options(allow_unpublished=True))
     assert got.read_bytes() == b"no checksum" and no_leftovers(cache)
 
 
@@ -205,7 +266,7 @@ def test_uncommitted_prefix_and_bad_pointer_are_refused(s3_env, s3_bucket, tmp_p
     with pytest.raises(StorageError, match=rf"s3://{s3_bucket}/half: objects but no LATEST"):
         storage.fetch(f"s3://{s3_bucket}/half", tmp_path)
     c.put_object(Bucket=s3_bucket, Key=f"half/{POINTER}", Body=b'{"version": "../../etc", "files": {}}')
-    with pytest.raises(StorageError, match="not a valid slotwise pointer"):
+    with pytest.raises(StorageError, match="not a valid slotwise LATEST"):
         storage.fetch(f"s3://{s3_bucket}/half", tmp_path)
     with pytest.raises(StorageError, match=rf"s3://{s3_bucket}/nothing: not found"):
         storage.fetch(f"s3://{s3_bucket}/nothing", tmp_path)
@@ -219,15 +280,13 @@ def test_interrupted_publish_leaves_previous_version(s3_env, s3_bucket, tmp_path
     storage.publish(v1, uri)
     before = storage.list_prefix(uri)
     v2 = make_dir(tmp_path / "v2", "v2")
-    real_upload, calls = storage._upload_file, []
+    real_put = storage._put_files
 
-    def dies_after_first_file(*args, **kwargs):
-        if calls:
-            raise ConnectionResetError("simulated crash mid-publish")  # transient, but not on retry
-        calls.append(args)
-        return real_upload(*args, **kwargs)
+    def dies_after_first_file(uri_, pairs, *args):
+        real_put(uri_, pairs[:1], *args)  # the first file of v2 is on the server ...
+        raise ConnectionResetError("simulated crash mid-publish")  # ... then the upload dies
 
-    monkeypatch.setattr(storage, "_upload_file", dies_after_first_file)
+    monkeypatch.setattr(storage, "_put_files", dies_after_first_file)
     with pytest.raises(StorageError, match=rf"^{uri}: publish of .* not committed") as info:
         storage.publish(v2, uri)
     assert "\n" not in str(info.value)
@@ -236,16 +295,113 @@ def test_interrupted_publish_leaves_previous_version(s3_env, s3_bucket, tmp_path
     assert tree(got) == tree(v1)
 
 
+def _versions(uri: str) -> set[str]:
+    prefix = uri.rstrip("/") + "/"
+    return {k[len(prefix):].split("/")[0] for k in storage.list_prefix(uri) if k[len(prefix):].startswith(".v-")}
+
+
+def _latest(s3_env, bucket: str, key: str) -> dict:
+    return json.loads(s3_env.client().get_object(Bucket=bucket, Key=f"{key}/{POINTER}")["Body"].read())
+
+
+def _publish_tag(src: Path, uri: str, tag: str, **kw) -> None:
+    (src / "config.json").write_text(json.dumps({"tag": tag}))
+    storage.publish(src, uri, **kw)
+
+
 @pytest.mark.s3
-def test_old_versions_are_collected(s3_env, s3_bucket, tmp_path):
+def test_old_versions_are_collected_by_the_commit_record(s3_env, s3_bucket, tmp_path):
     uri = f"s3://{s3_bucket}/art"
     src = make_dir(tmp_path / "art")
-    for i in range(3):
-        (src / "config.json").write_text(str(i))
-        storage.publish(src, uri, keep=2)
-    versions = {k.split("/")[4] for k in storage.list_prefix(uri) if "/.v-" in k}
-    assert len(versions) == 2
-    assert (storage.fetch(uri, tmp_path / "cache") / "config.json").read_text() == "2"
+    for i in range(4):
+        _publish_tag(src, uri, str(i), keep=2)
+    latest = _latest(s3_env, s3_bucket, "art")
+    assert _versions(uri) == {latest["version"], latest["history"][0]} and len(latest["history"]) == 3
+    assert json.loads((storage.fetch(uri, tmp_path / "cache") / "config.json").read_text()) == {"tag": "3"}
+
+
+@pytest.mark.s3
+def test_a_publisher_with_a_slow_clock_never_loses_its_commit(s3_env, s3_bucket, tmp_path, monkeypatch):
+    """Versions are named by the publisher's clock; 5 minutes behind, its new version's name sorts
+    oldest. Cleanup ordered by names deleted the version LATEST had just been pointed at."""
+    import datetime as dt
+
+    uri = f"s3://{s3_bucket}/art"
+    src = make_dir(tmp_path / "art")
+    _publish_tag(src, uri, "a")
+    _publish_tag(src, uri, "b")
+
+    class SlowClock:
+        @staticmethod
+        def now(tz=None):
+            return dt.datetime.now(tz) - dt.timedelta(minutes=5)
+
+    monkeypatch.setattr(storage, "_dt", SimpleNamespace(datetime=SlowClock, timezone=dt.timezone))
+    _publish_tag(src, uri, "c")
+    monkeypatch.setattr(storage, "_dt", dt)
+    latest = _latest(s3_env, s3_bucket, "art")
+    assert _versions(uri) == {latest["version"], latest["history"][0]}  # the one just committed and the one before
+    assert json.loads((storage.fetch(uri, tmp_path / "cache") / "config.json").read_text()) == {"tag": "c"}
+
+
+@pytest.mark.s3
+def test_orphans_of_killed_publishes_are_collected_not_counted(s3_env, s3_bucket, tmp_path):
+    """A killed publish leaves a version prefix (named to sort newest here) and an unfinished multipart
+    upload. They must not count as a kept version (the previous committed one was deleted for them);
+    once older than the grace period (server clock) they are collected."""
+    uri, c = f"s3://{s3_bucket}/art", s3_env.client()
+    src = make_dir(tmp_path / "art")
+    _publish_tag(src, uri, "a")
+    orphan = ".v-20991231T235959000000Z-0123456789ab"
+    c.put_object(Bucket=s3_bucket, Key=f"art/{orphan}/weights.bin", Body=b"half")
+    upload = c.create_multipart_upload(Bucket=s3_bucket, Key=f"art/{orphan}/big.bin")
+    c.upload_part(Bucket=s3_bucket, Key=f"art/{orphan}/big.bin", UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 1000)
+    _publish_tag(src, uri, "b")  # default grace (a day): the orphan is young, left alone
+    latest = _latest(s3_env, s3_bucket, "art")
+    committed = {latest["version"], latest["history"][0]}
+    assert _versions(uri) == committed | {orphan}
+    assert storage.collect(uri, options=S3Options(orphan_grace_s=0)) == [orphan]
+    assert _versions(uri) == committed
+    assert not c.list_multipart_uploads(Bucket=s3_bucket, Prefix="art/").get("Uploads")
+    assert json.loads((storage.fetch(uri, tmp_path / "cache") / "config.json").read_text()) == {"tag": "b"}
+
+
+@pytest.mark.s3
+def test_a_concurrent_commit_is_never_overwritten(s3_env, s3_bucket, tmp_path, monkeypatch):
+    """Publisher A reads LATEST, B commits while A uploads: A's commit is refused (conditional write), B's stays."""
+    uri = f"s3://{s3_bucket}/art"
+    a, b = make_dir(tmp_path / "a", "a"), make_dir(tmp_path / "b", "b")
+    storage.publish(make_dir(tmp_path / "first", "first"), uri)
+    real_put = storage._put_files
+
+    def b_commits_meanwhile(*args):
+        monkeypatch.setattr(storage, "_put_files", real_put)
+        storage.publish(b, uri)
+        real_put(*args)
+
+    monkeypatch.setattr(storage, "_put_files", b_commits_meanwhile)
+    with pytest.raises(StorageError, match="another publish committed LATEST meanwhile"):
+        storage.publish(a, uri)
+    assert tree(storage.fetch(uri, tmp_path / "cache")) == tree(b)
+    latest = _latest(s3_env, s3_bucket, "art")
+    assert _versions(uri) == {latest["version"], latest["history"][0]}  # A's upload was removed
+
+
+@pytest.mark.s3
+def test_a_plain_prefix_or_object_is_read_only_when_asked(s3_env, s3_bucket, tmp_path):
+    """What `aws s3 sync` / `aws s3 cp` leave: no LATEST, no sha256 metadata."""
+    c = s3_env.client()
+    src = make_dir(tmp_path / "synced")
+    for p in src.rglob("*"):
+        if p.is_file():
+            c.upload_file(str(p), s3_bucket, f"synced/{p.relative_to(src).as_posix()}")
+    uri = f"s3://{s3_bucket}/synced"
+    with pytest.raises(StorageError, match=r"no LATEST commit record .*--s3-unpublished"):
+        storage.fetch(uri, tmp_path / "cache")
+    got = storage.fetch(uri, tmp_path / "cache", S3Options(allow_unpublished=True))
+    assert tree(got) == tree(src) and no_leftovers(tmp_path / "cache")
+    got = storage.fetch(f"{uri}/config.json", tmp_path / "one", S3Options(allow_unpublished=True))
+    assert got.read_bytes() == (src / "config.json").read_bytes()
 
 
 @pytest.mark.s3

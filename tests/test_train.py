@@ -112,12 +112,12 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, retrofit_dir, data_dir
     cmd = [sys.executable, "-m", "slotwise.components.train", *_args(params, retrofit_dir, data_dir, tmp_path / "out", "--state", str(state))]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     deadline = time.monotonic() + 300
-    while not (state / "trainer.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not (state / "state.json").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "out").exists(), "the run finished before it could be killed"
-    killed_at = torch.load(state / "trainer.pt", weights_only=False)["record"]["step"]
+    killed_at = json.loads((state / "state.json").read_text())["record"]["step"]
     assert 0 < killed_at < steps
     assert train_component.main(_args(params, retrofit_dir, data_dir, tmp_path / "out", "--state", str(state), "--live")) == 0
     ref = load_file(tmp_path / "ref" / "model.safetensors")
@@ -132,6 +132,36 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, retrofit_dir, data_dir
     assert loss[0] == "step\tloss" and len(loss) == 1 + steps
     history = summary_history(tmp_path / "ref")
     assert [float(line.split("\t")[1]) for line in loss[1:]] == [h["lm_loss"] for h in history if "lm_loss" in h]
+
+
+class _Payload:
+    """Unpickling this runs open(marker, "w"): what a crafted trainer.pt could do with any callable."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pickle_in_the_state_directory_never_runs(tmp_path, retrofit_dir, data_dir, capsys):
+    """A crafted trainer.pt runs no code: an old-format state (no state.json) is not opened at all, and
+    one beside a state.json of this very run is read without unpickling objects and refused (exit 2)."""
+    from slotwise.components._cli import run_cli
+
+    params, state = _params(tmp_path, 3), tmp_path / "state"
+    marker = tmp_path / "pwned"
+    state.mkdir()
+    torch.save({"optimizers": _Payload(marker), "record": {"step": 1}}, state / "trainer.pt")
+    args = _args(params, retrofit_dir, data_dir, tmp_path / "out", "--state", str(state))
+    assert train_component.main(args) == 0  # not this run's state: started over
+    assert not marker.exists()
+    torch.save({"optimizers": _Payload(marker), "schedulers": {}, "torch_rng": torch.get_rng_state()}, state / "trainer.pt")
+    with pytest.raises(SystemExit) as exc:  # state.json (written by the run above) matches this run
+        run_cli(train_component.main, args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "trainer.pt: not a loadable training state" in err and "Traceback" not in err
+    assert not marker.exists()
 
 
 def test_sft_puts_the_loss_on_answers_only(smol_tokenizer):

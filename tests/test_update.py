@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,12 +184,14 @@ KILL_DURING_WRITE = textwrap.dedent("""
 
 
 def test_killed_while_writing_leaves_the_previous_delta_intact(world, tmp_path):
-    out = tmp_path / "served"
+    out = tmp_path / "candidate"
     assert update_component.main(update_args(world, out)) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
+    served = tmp_path / "served"
+    shutil.copytree(out, served)
     second = jsonl(tmp_path / "b2.jsonl", facts(QA[2:], "batch2"))
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
-    proc = subprocess.run([sys.executable, "-c", KILL_DURING_WRITE, *update_args(world, out, second, out)],
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_WRITE, *update_args(world, out, second, served)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous output, whole

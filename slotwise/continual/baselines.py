@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from slotwise.chapters import ChapterMemory
 from slotwise.memory import ProductKeyMemory
+from slotwise.schema import number
 
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -38,7 +39,7 @@ def causal_lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 @dataclass
 class FullFTConfig:
-    lr: float = 1e-5  # the prototypes: 1e-5 / 3e-6 / 1e-6
+    lr: float = number(1e-5, low=0, open_low=True)  # the prototypes: 1e-5 / 3e-6 / 1e-6
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -93,7 +94,7 @@ class LoraParams:
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
-    lr: float = 2e-4  # the prototypes: 2e-4 / 5e-5
+    lr: float = number(2e-4, low=0, open_low=True)  # the prototypes: 2e-4 / 5e-5
     weight_decay: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     include_memory: bool = False  # also adapt the memory's query / gate / out_proj

@@ -215,9 +215,11 @@ def stack(first: SparseDelta, second: SparseDelta) -> SparseDelta:
     return SparseDelta(first.base_hash, second.new_hash, pools, {"stacked": [first.meta, second.meta]})
 
 
-def save_delta(delta: SparseDelta, path: str | Path) -> Path:
-    """Write delta.safetensors + delta.json into directory `path`, atomically."""
+def save_delta(delta: SparseDelta, path: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+    """Write delta.safetensors + delta.json (+ extra text files) into directory `path`, atomically."""
     with staged_dir(path) as tmp:
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         tensors = {}
         for name, pd in delta.pools.items():
             tensors[f"{name}/rows"] = pd.rows.contiguous()

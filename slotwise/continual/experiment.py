@@ -25,7 +25,7 @@ from slotwise.evaluation.perplexity import perplexity
 from slotwise.facts import PROBE
 from slotwise.generation import greedy_answers
 from slotwise.qa_metrics import exact_match, f1
-from slotwise.schema import Device, Task, check, positive, unique
+from slotwise.schema import Device, Task, at_least, block_len, check, positive, unique
 from slotwise.text_blocks import pad_examples
 
 
@@ -63,14 +63,14 @@ class ContinualParams:
     until_loss: float | None = None  # stop a fact's steps once its answer loss (before a step) is below this
     eval_every: int = positive(10)  # facts between measurements
     include_statement: bool = True
-    max_len: int = 96  # tokens per paraphrase
-    known_screen: int = 150  # retention items screened for facts the model already knows: data/retention.jsonl
+    max_len: int = positive(96)  # tokens per paraphrase
+    known_screen: int = at_least(0, 150, "an integer >= 0")  # retention items screened for facts the model already knows: data/retention.jsonl
                              # when the data stage wrote one (testbed), else held-out TriviaQA questions
-    ppl_blocks: int = 4
-    ppl_seq_len: int = 128
+    ppl_blocks: int = positive(4)
+    ppl_seq_len: int = block_len(128)
     final_tasks: list[Task] = field(default_factory=lambda: [Task.hellaswag, Task.arc_easy, Task.piqa])
-    final_task_limit: int = 40
-    batch_size: int = 16  # generation / perplexity batch
+    final_task_limit: int = positive(40)
+    batch_size: int = positive(16)  # generation / perplexity batch
     device: Device = Device.auto
     seed: int = 0
     save_deltas: bool = True  # SMF sparse deltas (deltas/) and LoRA / GRIT peft adapters (adapters/)

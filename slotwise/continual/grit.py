@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 
 from slotwise.continual.baselines import LORA_TARGETS, LossFn, add_lora, causal_lm_loss, lora_target_modules, save_adapter
-from slotwise.schema import Choice, check, constrained, positive
+from slotwise.schema import Choice, check, constrained, number, positive
 
 class Basis(Choice):
     activation = "activation"  # A_r
@@ -144,7 +144,7 @@ class GritParams:
     r: int = positive(16)  # initial (= maximum) rank
     alpha: float = 32.0
     dropout: float = 0.0
-    lr: float = 2e-4
+    lr: float = number(2e-4, low=0, open_low=True)
     optimizer: GritOptimizer = GritOptimizer.adamw
     momentum: float = 0.0  # sgd only
     weight_decay: float = 0.0

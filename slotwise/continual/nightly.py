@@ -1,8 +1,8 @@
 """The nightly knowledge update's logic: new fact files -> SMF on the served model -> a cumulative
 sparse delta, and the retention gate that decides whether it is promoted.
 
-    files = jsonl_files("drop/")                     # *.jsonl under a folder or an s3:// prefix
-    facts = read_facts(fact_files(files, work), include_statement=True)
+    files = jsonl_files("drop/")                     # every *.jsonl entry under a folder or an s3:// prefix
+    facts = read_facts(fact_files(files, work), include_statement=True)   # DataError names file:line and field
     model, tokenizer, served = load_served(base_dir, "serve/current")
     new, losses = sparse_update(model, tokenizer, facts, backgrounds, n, device)
     delta = cumulative(served, new, meta)            # base -> served -> tonight's facts
@@ -10,13 +10,15 @@ sparse delta, and the retention gate that decides whether it is promoted.
     passed, drops, reasons = decide(probes.measure(served_model, tok), probes.measure(candidate, tok), n.max_retention_drop)
 
 The stages that run it are `slotwise update` (components/update.py) and `slotwise gate`
-(components/gate.py); the Prefect flow (flows/nightly.py) orchestrates them and promotes through
-the serving directory (slotwise/continual/serving.py).
+(components/gate.py); the Prefect flow (flows/nightly.py) orchestrates them, screens the drop's
+files one by one first (slotwise/continual/drop.py) and promotes through the serving directory
+(slotwise/continual/serving.py).
 """
 from __future__ import annotations
 
 import copy
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -29,6 +31,7 @@ from slotwise.continual.experiment import fact_batch, qa_score, relative_drop, s
 from slotwise.continual.updaters import make_updater
 from slotwise.errors import CheckpointError, DataError, DeltaError
 from slotwise.evaluation.perplexity import perplexity, token_blocks
+from slotwise.facts import check_record
 from slotwise.retrofit import memory_layers
 from slotwise.sources import read_jsonl
 
@@ -41,45 +44,64 @@ INFORMATIONAL = ("new_facts_em",)
 
 # --- new facts ------------------------------------------------------------------------------------
 
+def _hidden(parts) -> bool:
+    return any(part.startswith(".") for part in parts)
+
+
 def jsonl_files(location: str) -> list[str]:
-    """The *.jsonl files under a folder or an s3:// prefix, sorted (local paths resolved), leaving out
-    hidden ones (a part below `location` starting with a dot); none if the location does not exist."""
+    """Every entry named *.jsonl under a folder (absolute paths, links not resolved nor followed,
+    whatever their kind: read_jsonl and the nightly screen refuse what is not a regular file) or
+    every such object under an s3:// prefix; hidden parts skipped; sorted. None if the location does
+    not exist."""
     if storage.is_s3(location):
         prefix = location.rstrip("/") + "/"
-        return sorted(u for u in storage.list_prefix(location) if u.endswith(".jsonl")
-                      and not any(s.startswith(".") for s in u[len(prefix):].split("/")))
-    root = Path(location)
+        return sorted(u for u in storage.list_prefix(location) if u.endswith(".jsonl") and not _hidden(u[len(prefix):].split("/")))
+    root = Path(location).resolve()
     if not root.is_dir():
         return []
-    return sorted(str(p.resolve()) for p in root.rglob("*.jsonl") if not any(s.startswith(".") for s in p.relative_to(root).parts))
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        rel = Path(dirpath).relative_to(root).parts
+        found += [os.path.join(dirpath, n) for n in dirnames + filenames if n.endswith(".jsonl") and not _hidden(rel + (n,))]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and not d.endswith(".jsonl")]
+    return sorted(found)
 
 
 def fact_files(sources: list[str], workdir: Path) -> list[Path]:
-    """Each --facts source (file or folder, local or s3://) -> local *.jsonl files, sorted per source."""
+    """Each --facts source (file or folder, local or s3://) -> local *.jsonl files, sorted per source.
+
+    An s3:// source may be a slotwise publish (verified), a single object or a plain prefix (facts are
+    dropped by other tools: read unverified, then validated line by line like any facts file)."""
     files: list[Path] = []
     for i, src in enumerate(sources):
-        if storage.is_s3(src):
-            for j, uri in enumerate(jsonl_files(src) or [src]):  # drop files are plain objects: no sha256 metadata
-                files.append(storage.fetch(uri, workdir / f"facts-{i}-{j}", storage.S3Options(require_checksum=False)))
-        elif Path(src).is_dir():
-            files.extend(Path(f) for f in jsonl_files(src))
-        elif Path(src).is_file():
-            files.append(Path(src))
+        path = storage.fetch(src, workdir / f"facts-{i}", storage.S3Options(allow_unpublished=True)) if storage.is_s3(src) else Path(src)
+        if path.is_dir():
+            files.extend(Path(f) for f in jsonl_files(str(path)))
+        elif path.exists():  # read_jsonl refuses what is not a regular file (a FIFO, ...) with one line
+            files.append(path)
         else:
             raise FileNotFoundError(f"{src}: no such facts file or folder")
     return files
 
 
 def read_facts(files: list[Path], include_statement: bool) -> list[dict]:
-    """Every fact of the files, in order; a malformed line raises DataError naming file:line."""
+    """Every fact of the files, in order; a malformed line raises DataError naming file:line and the field."""
     need = FACT_FIELDS + (("statement",) if include_statement else ())
     facts = []
     for path in files:
         for lineno, rec in read_jsonl(path, need):
-            if not isinstance(rec["answers"], list) or not rec["answers"] or not isinstance(rec["paraphrases"], list):
-                raise DataError(f"{path}:{lineno}: 'answers' must be a non-empty list and 'paraphrases' a list")
-            facts.append({**rec, "_file": str(path)})
+            check_record(rec, f"{path}:{lineno}", need)
+            facts.append({**rec, "_file": str(path), "_line": lineno})
     return facts
+
+
+def trainable_batch(fact: dict, tokenizer, n: NightlyParams) -> dict[str, torch.Tensor]:
+    """The fact's training batch; DataError (naming file:line) if no text holds its answer within max_len tokens."""
+    try:
+        return fact_batch(fact, tokenizer, n.include_statement, n.max_len)
+    except ValueError:
+        raise DataError(f"{fact.get('_file', 'facts')}:{fact.get('_line', '?')}: the first answer lies beyond "
+                        f"nightly.max_len={n.max_len} tokens in every paraphrase (nothing to train on)") from None
 
 
 # --- the update -----------------------------------------------------------------------------------
@@ -123,7 +145,7 @@ def sparse_update(model, tokenizer, facts: list[dict], bgs, n: NightlyParams, de
     model.train()
     losses = []
     for fact in facts:
-        batch = {k: v.to(device) for k, v in fact_batch(fact, tokenizer, n.include_statement, n.max_len).items()}
+        batch = {k: v.to(device) for k, v in trainable_batch(fact, tokenizer, n).items()}
         for _ in range(n.steps_per_fact):
             losses.append(updater.step(batch)["loss"])
     model.cpu().eval()

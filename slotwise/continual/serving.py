@@ -3,13 +3,15 @@
     <serve>/registry.json            the promotion registry and the commit point (see below)
     <serve>/deltas/<run_id>/         every promoted delta (each cumulative: base checkpoint -> served)
     <serve>/current -> deltas/<id>   symlink to the served delta, repointed after the registry commits
-    <serve>/runs/<run_id>/           each run's candidate delta and gate.json (kept for the record)
+    <serve>/runs/<run_id>/           each recorded run's candidate delta and gate.json (kept for the record)
+    <serve>/quarantine/<run_id>/     a copy of each drop file that run quarantined (the drop is never modified)
     <serve>/.lock                    flock'ed (non-blocking) for the whole nightly run
 
 registry.json: {"format": 1, "served": "deltas/<run_id>" | null, "entries": [entry, ...]}; one entry
 per run that consumed files: run_id, started_at, finished_at, decision (promoted | rejected |
-nothing to learn), reason, files [{uri, sha256}], metrics (gate.json), delta {path, sha256,
-new_hash, base_hash, rows}, served_before, served_after. "New" files are those no entry lists.
+nothing to learn), reason, files [{uri, sha256, status: accepted | quarantined, reason, copy}],
+metrics (gate.json), delta {path, sha256, new_hash, base_hash, rows}, served_before, served_after.
+"New" files are those no entry lists.
 
 Promotion order, so a crash anywhere leaves a consistent state: copy the candidate into
 deltas/<run_id> (atomic directory swap), then replace registry.json (write a temporary file,
@@ -25,7 +27,10 @@ from __future__ import annotations
 import datetime as _dt
 import fcntl
 import json
+import logging
 import os
+import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +39,8 @@ from slotwise import storage
 from slotwise.atomic import sha256_file, staged_file
 from slotwise.continual.delta import META, WEIGHTS
 from slotwise.errors import RegistryError
+
+log = logging.getLogger(__name__)
 
 REGISTRY = "registry.json"
 LOCK = ".lock"
@@ -116,6 +123,32 @@ def repair_current(serve: str | Path) -> Path | None:
     reg = read_registry(serve)
     _point_current(Path(serve), reg["served"])
     return served_delta(serve)
+
+
+def collect_failed_runs(serve: str | Path) -> None:
+    """Remove runs/<run_id> folders that no registry entry names (runs killed before they recorded).
+    Call while holding serving_lock (so none of them is a live run)."""
+    runs = Path(serve) / "runs"
+    if not runs.is_dir():
+        return
+    recorded = {e.get("run_id") for e in read_registry(serve)["entries"]}
+    for d in runs.iterdir():
+        if d.name not in recorded:
+            log.info("removing %s, left by a run that did not finish", d)
+            shutil.rmtree(d, ignore_errors=True) if d.is_dir() and not d.is_symlink() else d.unlink()
+
+
+def quarantine(serve: str | Path, run_id: str, files: list[dict]) -> dict[str, str]:
+    """Copy each quarantined snapshot ({"uri", "path"} of a regular file) to quarantine/<run_id>/;
+    returns {uri: the copy's path relative to serve}."""
+    copies = {}
+    for i, f in enumerate(x for x in files if x.get("path")):
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", f["uri"].rstrip("/").rsplit("/", 1)[-1])[:100]
+        rel = Path("quarantine") / run_id / f"{i:04d}-{name}"
+        (Path(serve) / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f["path"], Path(serve) / rel)
+        copies[f["uri"]] = str(rel)
+    return copies
 
 
 def delta_record(delta_dir: Path, serve: Path) -> dict:

@@ -30,7 +30,7 @@ from slotwise import kernels
 from slotwise.continual.pools import Pool, value_pools
 from slotwise.continual.selection import NEEDS_BACKGROUND, Background, Score, access_counts, rare_rows, select_slots, slot_scores
 from slotwise.retrofit import record_lookups
-from slotwise.schema import Choice, check, positive
+from slotwise.schema import Choice, check, number, positive
 
 
 class CountOn(Choice):
@@ -51,13 +51,13 @@ class SMFConfig:
     score: Score = Score.tfidf
     count_on: CountOn = CountOn.answer
     optimizer: SparseOptimizer = SparseOptimizer.adam
-    lr: float = 1e-3  # the prototypes: adam 1e-3..3e-3; sgd ~2-5 in Lin et al.
+    lr: float = number(1e-3, low=0, open_low=True)  # the prototypes: adam 1e-3..3e-3; sgd ~2-5 in Lin et al.
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
     kl_smoothing: float = 1.0
-    max_df_fraction: float | None = None  # only rows with df <= this * |B| ("rare rows")
+    max_df_fraction: float | None = number(None, low=0, high=1, open_low=True)  # only rows with df <= this * |B| ("rare rows")
     seed: int = 0  # for score="random": step s uses seed + s
 
     def __post_init__(self):
