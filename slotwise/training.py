@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from slotwise.atomic import staged_dir
 from slotwise.distributed import Dist
+from slotwise.fused_update import deferred_reads, fused_enabled, pool_sinks
 from slotwise.optim import OptimParams, build_optimizers, build_schedulers, trainable_groups
 from slotwise.retrofit import record_lookups
 from slotwise.schema import Choice
@@ -179,7 +180,10 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
     sparse_values = any(m.cfg.sparse_grad for m in _memories(model))
     if not sparse_values and dist is None:
         dense += groups["values"]
-    opts = build_optimizers(model, groups, p.optim)
+    # sparse pools on the fused path: no pool gradient, one fused backward + SparseAdam step per pool
+    fused = sparse_values and fused_enabled(p.optim.fused_update, groups["values"])
+    sinks = pool_sinks(model) if fused else None
+    opts = build_optimizers(model, groups, p.optim, sinks)
     scheds = build_schedulers(opts, p.max_steps, p.optim)
     torch.manual_seed(p.seed)
     random.seed(p.seed)
@@ -225,7 +229,8 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
         step = record["step"]
         batch = batch_at(step) if dist is None else dist.shard_batch(batch_at(step))
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss, stats = lm_loss(model, batch, p.balance_weight, teachers, p.distil_weight)
+        with deferred_reads(model, sinks):
+            loss, stats = lm_loss(model, batch, p.balance_weight, teachers, p.distil_weight)
         if dist is not None:  # the record holds the global batch's loss: the mean of the ranks' means
             stats["lm_loss"] = dist.sum([stats["lm_loss"]])[0] / dist.world
         for o in opts.values():
