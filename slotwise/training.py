@@ -277,6 +277,7 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
                 log.info("early stop at step %d: held-out loss has not improved for %d evals", step + 1, p.early_stop_patience)
             break
     bar.close()
+    record["fused_update"] = fused  # whether the sparse pools took the fused backward + SparseAdam
     if steps_here:
         log.info("%d steps, %.2f s per step", steps_here, (time.perf_counter() - t_start) / steps_here)
     if best_state is not None:

@@ -69,6 +69,7 @@ def test_fused_heal_equals_the_sparse_adam_heal(backend, shared, tmp_path):
     rec_ref = train(ref, batch_at, evals, loop("off", steps), tmp_path / "ref", progress=False)
     rec = train(fused, batch_at, evals, loop("on", steps), tmp_path / "fused", progress=False)
     assert rec["best_step"] == rec_ref["best_step"] == steps
+    assert rec["fused_update"] and not rec_ref["fused_update"]
     for a, b in zip(rec["history"], rec_ref["history"]):
         assert a.keys() == b.keys()
         for k in a:
