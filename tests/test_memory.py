@@ -162,8 +162,8 @@ def test_balance_from_the_searchs_usage_equals_scoring_every_sub_key_again(balan
     sub-keys for the soft usage): the same loss and the same gradients as balance_loss's own pass."""
     if backend == "triton":
         pytest.importorskip("triton")
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
+        if os.environ.get("TRITON_INTERPRET") != "1":  # these tensors live on the CPU (tests/gpu: CUDA)
+            pytest.skip("the CPU tests run the Triton kernels interpreted (TRITON_INTERPRET=1)")
     monkeypatch.setenv("SLOTWISE_KERNELS", backend)
     mem = _layer(balance=balance).train()
     x = torch.randn(6, 24)
