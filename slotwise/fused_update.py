@@ -29,15 +29,24 @@ import torch
 import torch.nn as nn
 
 from slotwise import kernels
+from slotwise.memory import ProductKeyMemory
 from slotwise.retrofit import memory_layers
 
 
-def fused_enabled(choice: str, weights: Iterable[torch.Tensor]) -> bool:
-    """Whether the pools with these weights take the fused path."""
+def fused_enabled(choice: str, model: nn.Module, weights: Iterable[torch.Tensor]) -> bool:
+    """Whether the pools with these weights take the fused path. Only product-key layers read their
+    pool by a weighted bag; a chapters bank (memory.kind chapters) is read by chapter attention."""
     weights = list(weights)
+    if choice == "off" or not weights:
+        return False
+    if not all(isinstance(mem, ProductKeyMemory) for mem in memory_layers(model).values()):
+        if choice == "on":
+            raise ValueError("fused_update 'on' needs product-key memory layers (memory.kind product_key); "
+                             "a chapters bank is read by chapter attention, not a weighted bag: use auto or off")
+        return False
     if choice == "auto":
-        return bool(weights) and all(w.is_cuda for w in weights)
-    return choice == "on" and bool(weights)
+        return all(w.is_cuda for w in weights)
+    return True
 
 
 def pool_sinks(model: nn.Module) -> dict[int, kernels.DeferredBagGrads]:

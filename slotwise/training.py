@@ -181,7 +181,7 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
     if not sparse_values and dist is None:
         dense += groups["values"]
     # sparse pools on the fused path: no pool gradient, one fused backward + SparseAdam step per pool
-    fused = sparse_values and fused_enabled(p.optim.fused_update, groups["values"])
+    fused = sparse_values and fused_enabled(p.optim.fused_update, model, groups["values"])
     sinks = pool_sinks(model) if fused else None
     opts = build_optimizers(model, groups, p.optim, sinks)
     scheds = build_schedulers(opts, p.max_steps, p.optim)

@@ -142,7 +142,7 @@ class SparseMemoryFinetuner:
                     "exp_avg_sq": torch.zeros(w.shape, dtype=torch.float32, device=w.device),  # (N, D)
                     "step": torch.zeros(w.shape[0], dtype=torch.int64, device=w.device),  # (N,) per-row
                 }
-        self.sinks = pool_sinks(model) if fused_enabled(cfg.fused_update, [p.weight for p in self.pools]) else None
+        self.sinks = pool_sinks(model) if fused_enabled(cfg.fused_update, model, [p.weight for p in self.pools]) else None
         self.n_steps = 0
 
     def reading(self):

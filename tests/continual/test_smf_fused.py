@@ -14,10 +14,14 @@ import os
 import pytest
 import torch
 from _continual_helpers import fact_batch, random_background, retrofitted
+from conftest import tiny_model
 
 from slotwise import kernels
+from slotwise.continual.hf_trainer import SparseMemoryOptimizer
 from slotwise.continual.pools import value_pools
 from slotwise.continual.smf import SMFConfig, SparseMemoryFinetuner
+from slotwise.memory import ChapterConfig, MemoryConfig
+from slotwise.retrofit import RetrofitConfig, retrofit
 
 STEPS = 3
 
@@ -84,3 +88,18 @@ def test_fused_smf_equals_the_gradient_path(backend, shared, optimizer, lr):
 def test_fused_update_auto_stays_off_for_cpu_pools():
     smf = SparseMemoryFinetuner(retrofitted(), None, SMFConfig(score="tf", fused_update="auto"))
     assert smf.sinks is None
+
+
+def test_fused_on_is_refused_where_no_weighted_bag_reads_the_pool():
+    """A chapters bank is read by chapter attention and a Trainer's backward gives the pools their
+    gradient: `on` is an error there (one line naming the choice), `auto` runs the gradient path."""
+    chapters = retrofit(tiny_model("llama", 0), RetrofitConfig(layers=[1], memory=MemoryConfig(
+        kind="chapters", heads=2, chapters=ChapterConfig(n_chapters=6, chapter_tokens=5, top_c=2, chunk_len=4, access_k=3))))
+    with pytest.raises(ValueError, match="fused_update 'on' needs product-key memory"):
+        SparseMemoryFinetuner(chapters, None, SMFConfig(top_t=4, score="tf", fused_update="on"))
+    assert SparseMemoryFinetuner(chapters, None, SMFConfig(top_t=4, score="tf", fused_update="auto")).sinks is None
+    with pytest.raises(ValueError, match="fused_update='on' is not supported"):
+        SparseMemoryOptimizer(retrofitted(), SMFConfig(top_t=4, score="tf", fused_update="on"))
+    opt = SparseMemoryOptimizer(retrofitted(), SMFConfig(top_t=4, score="tf", fused_update="auto"))
+    assert opt.smf.sinks is None
+    opt.close()
