@@ -1,6 +1,6 @@
 """CPU timings behind two choices: fused_update's `auto` (off on CPU) and the memory layer's lookup.
 
-    .venv/bin/python scripts/bench_fused_cpu.py [--tokens 1024] [--slots 16384] [--reps 7] [--out bench.json]
+    .venv/bin/python scripts/bench_fused_cpu.py [--tokens 1024] [--slots 16384] [--reps 7] [--out bench_out/fused_cpu.json]
 
 1. The memory layer's forward + backward (query projection, product-key search, softmax, balance
    loss, bag, Memory+ gate, W2) per `tokens` tokens, the default retrofit's memory (d 576, 4 heads,
@@ -12,7 +12,8 @@
 2. One value-pool update from a bag's output gradient, `slots` x 576 fp32, heads 4, knn 16:
      heal  sparse gradient + torch.optim.SparseAdam  vs  FusedSparseAdam (the kernels' CPU reference)
      smf   dense gradient + rows_of_grad + sparse_adam_ on 500 rows  vs  fused adam with row_mask
-Variants are interleaved rep by rep (a shared machine drifts); min and median in ms, JSON to --out.
+Variants are interleaved rep by rep (a shared machine drifts); min and median in ms, printed
+as a table and written as JSON to --out (with the sizes and thread count).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -127,17 +129,19 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=16384)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default="bench_out/fused_cpu.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     res = {"tokens": a.tokens, "slots": a.slots, "threads": a.threads,
            "layer_fwd_bwd": bench_layer(a.tokens, a.reps), "pool_update": bench_update(a.tokens, a.slots, a.reps)}
+    print(f"{'part':14s} {'variant':18s} (tokens {a.tokens}, slots {a.slots}, threads {a.threads}, reps {a.reps})")
     for part in ("layer_fwd_bwd", "pool_update"):
         for k, r in res[part].items():
             print(f"{part:14s} {k:18s} min {r['min_ms']:8.1f} ms   median {r['median_ms']:8.1f} ms")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=2)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
