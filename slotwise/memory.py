@@ -112,10 +112,14 @@ class ValuePool(nn.Module):
     def n_slots(self) -> int:
         return self.weight.shape[0]
 
-    def bag(self, ids: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = False) -> torch.Tensor:
+    def bag(self, ids: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = False,
+            defer: kernels.DeferredBagGrads | None = None) -> torch.Tensor:
         """ids, weights (T, H, knn) -> (T, v_dim): the weighted sum of the rows each token reads.
+        defer: the pool gets no gradient; the backward records into `defer` for one fused
+        backward + step after loss.backward() (slotwise.fused_update).
         (slotwise.distributed.memory.ShardedValuePool does the same with its columns spread over ranks.)"""
-        return kernels.weighted_bag(self.weight, ids, weights.to(self.weight.dtype), sparse_grad=sparse_grad)
+        return kernels.weighted_bag(self.weight, ids, weights.to(self.weight.dtype), sparse_grad=sparse_grad,
+                                    defer=defer)
 
     def token_mean(self, mean: torch.Tensor, n_tokens: int) -> torch.Tensor:
         """A mean over this step's n_tokens tokens -> the mean over every token of the step (here the
@@ -153,8 +157,11 @@ class ProductKeyMemory(nn.Module):
         q = self.query(x).view(x.shape[0], self.cfg.heads, self.cfg.k_dim)
         return self.query_norm(q) if self.query_norm is not None else q
 
-    def balance_loss(self, q: torch.Tensor) -> torch.Tensor | None:
+    def balance_loss(self, q: torch.Tensor, usage: torch.Tensor | None = None) -> torch.Tensor | None:
         """A loss that spreads the reads over the sub-keys (per head and half, averaged), or None.
+
+        usage (H, 2, n_keys): this step's mean softmax over sub-keys, as kernels.pk_topk(usage=True)
+        returns it from the search's own scores; None scores every sub-key here once more.
 
         soft  KL(mean_t softmax over sub-keys || uniform). Cheap, but blind to *hard* collapse:
               with flat sub-key scores the mean softmax looks uniform while the top-k picks pile
@@ -168,26 +175,33 @@ class ProductKeyMemory(nn.Module):
         if self.cfg.balance == "none":
             return None
         T, H, K = q.shape
-        scores = torch.einsum("thsd,hsnd->thsn", q.view(T, H, 2, K // 2).float(), self.keys.float())  # (T, H, 2, n_keys)
-        p_mean = self.values.token_mean(scores.softmax(dim=-1).mean(dim=0), T)  # (H, 2, n_keys)
+
+        def sub_key_scores():  # (T, H, 2, n_keys)
+            return torch.einsum("thsd,hsnd->thsn", q.view(T, H, 2, K // 2).float(), self.keys.float())
+
+        if usage is None:
+            usage = sub_key_scores().softmax(dim=-1).mean(dim=0)
+        p_mean = self.values.token_mean(usage, T)  # (H, 2, n_keys)
         n = p_mean.shape[-1]
         if self.cfg.balance == "soft":
             return (p_mean * (p_mean * n).clamp_min(1e-12).log()).sum(-1).mean()
-        with torch.no_grad():
-            picks = scores.topk(self.cfg.knn, dim=-1).indices  # (T, H, 2, knn)
+        with torch.no_grad():  # the hard picks: each half's own top-knn (no gradient, no saved activations)
+            picks = sub_key_scores().topk(self.cfg.knn, dim=-1).indices  # (T, H, 2, knn)
             f = torch.zeros_like(p_mean).scatter_add_(-1, picks.permute(1, 2, 0, 3).reshape(H, 2, -1),
                                                       torch.ones(H, 2, T * self.cfg.knn, device=q.device))
             f = self.values.token_mean(f / (T * self.cfg.knn), T)  # (H, 2, n_keys), sums to 1
         return n * (f * p_mean).sum(-1).mean()
 
-    def forward(self, x: torch.Tensor) -> MemoryOutput:
+    def forward(self, x: torch.Tensor, defer: kernels.DeferredBagGrads | None = None) -> MemoryOutput:
+        """defer: record the value pool's backward there instead of giving it a gradient (ValuePool.bag)."""
         lead = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])  # (T, d_in)
         q = self.queries(flat)
-        scores, ids = kernels.pk_topk(q, self.keys, self.cfg.knn)  # (T, H, knn) each
+        want_usage = self.training and self.cfg.balance != "none"
+        scores, ids, *usage = kernels.pk_topk(q, self.keys, self.cfg.knn, usage=want_usage)  # (T, H, knn) each
         weights = F.softmax(scores, dim=-1)
-        balance = self.balance_loss(q) if self.training else None
-        y = self.values.bag(ids, weights, sparse_grad=self.cfg.sparse_grad)  # (T, v_dim)
+        balance = self.balance_loss(q, usage[0]) if want_usage else None
+        y = self.values.bag(ids, weights, sparse_grad=self.cfg.sparse_grad, defer=defer)  # (T, v_dim)
         y = y.to(x.dtype)
         if self.gate is not None:
             y = y * F.silu(self.gate(flat))

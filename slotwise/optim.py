@@ -1,7 +1,8 @@
 """Optimizer groups, built by a function from the model's parts (nothing discovered from tags).
 
     values    memory value pools: SparseAdam when the memory has sparse gradients (a ~1M-row
-              pool would make a dense Adam step touch every row), else Adam
+              pool would make a dense Adam step touch every row; fused with the pool's backward
+              when fused_update selects it, slotwise.fused_update), else Adam
     memory    keys, query projection and norm, gate (W1), output projection (W2): AdamW
     base      the pretrained model's own weights, only when trainable == "all": AdamW
 Each group has its own learning rate; all share one warmup + cosine schedule.
@@ -13,8 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from slotwise import kernels
+from slotwise.fused_update import FusedSparseAdam
 from slotwise.retrofit import memory_layers, memory_parameters
-from slotwise.schema import Choice, at_least, constrained, number
+from slotwise.schema import Choice, FusedUpdate, at_least, constrained, number
+
 
 class Schedule(Choice):
     cosine = "cosine"  # warmup, then cosine decay to min_lr_ratio
@@ -34,6 +38,9 @@ class OptimParams:
     schedule: Schedule = Schedule.cosine
     min_lr_ratio: float = number(0.1, low=0, high=1)
     grad_clip: float = number(1.0, low=0)  # on the dense parameters; 0 disables
+    # sparse value pools (memory.sparse_grad): SparseAdam fused with the pool's backward, one step per
+    # pool after loss.backward() (auto: on CUDA; the CPU reference is no faster there)
+    fused_update: FusedUpdate = FusedUpdate.auto
 
 
 def trainable_groups(model, trainable: str) -> dict[str, list[torch.nn.Parameter]]:
@@ -53,13 +60,19 @@ def trainable_groups(model, trainable: str) -> dict[str, list[torch.nn.Parameter
     return {"values": mem["values"], "memory": mem["other"], "base": base if trainable == "all" else []}
 
 
-def build_optimizers(model, groups: dict[str, list[torch.nn.Parameter]], p: OptimParams) -> dict[str, torch.optim.Optimizer]:
+def build_optimizers(model, groups: dict[str, list[torch.nn.Parameter]], p: OptimParams,
+                     sinks: dict[int, kernels.DeferredBagGrads] | None = None) -> dict[str, torch.optim.Optimizer]:
+    """sinks: the pools' recorders when the sparse pools take the fused path (fused_update.pool_sinks)."""
     betas = tuple(p.betas)
     sparse = any(m.cfg.sparse_grad for m in memory_layers(model).values())
     opts: dict[str, torch.optim.Optimizer] = {}
     if groups["values"]:
-        opts["values"] = (torch.optim.SparseAdam(groups["values"], lr=p.lr_values, betas=betas) if sparse
-                          else torch.optim.Adam(groups["values"], lr=p.lr_values, betas=betas))
+        if sparse and sinks is not None:
+            opts["values"] = FusedSparseAdam(groups["values"], sinks, lr=p.lr_values, betas=betas)
+        elif sparse:
+            opts["values"] = torch.optim.SparseAdam(groups["values"], lr=p.lr_values, betas=betas)
+        else:
+            opts["values"] = torch.optim.Adam(groups["values"], lr=p.lr_values, betas=betas)
     if groups["memory"]:
         opts["memory"] = torch.optim.AdamW(groups["memory"], lr=p.lr_memory, betas=betas, weight_decay=p.weight_decay)
     if groups["base"]:

@@ -55,6 +55,14 @@ class Dtype(Choice):
     float16 = "float16"
 
 
+class FusedUpdate(Choice):
+    """A value pool's backward fused with its sparse update (slotwise.fused_update): the heal's
+    train.loop.optim.fused_update and SMF's smf.fused_update."""
+    auto = "auto"  # on for pools on CUDA, off on CPU
+    on = "on"  # always (on CPU: the kernels' PyTorch reference of the fused op)
+    off = "off"  # the pool gets its gradient, then the sparse optimizer steps
+
+
 class Task(Choice):
     """Evaluation tasks: lm-eval YAML in slotwise/evaluation/lm_eval_tasks/, data from the data stage."""
     nq_open = "nq_open"

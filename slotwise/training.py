@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from slotwise.atomic import staged_dir
 from slotwise.distributed import Dist
 from slotwise.errors import CheckpointError, DivergedError
+from slotwise.fused_update import deferred_reads, fused_enabled, pool_sinks
 from slotwise.optim import OptimParams, build_optimizers, build_schedulers, trainable_groups
 from slotwise.retrofit import record_lookups
 from slotwise.schema import Choice, number, positive
@@ -208,7 +209,10 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
     sparse_values = any(m.cfg.sparse_grad for m in _memories(model))
     if not sparse_values and dist is None:
         dense += groups["values"]
-    opts = build_optimizers(model, groups, p.optim)
+    # sparse pools on the fused path: no pool gradient, one fused backward + SparseAdam step per pool
+    fused = sparse_values and fused_enabled(p.optim.fused_update, model, groups["values"])
+    sinks = pool_sinks(model) if fused else None
+    opts = build_optimizers(model, groups, p.optim, sinks)
     scheds = build_schedulers(opts, p.max_steps, p.optim)
     torch.manual_seed(p.seed)
     random.seed(p.seed)
@@ -257,7 +261,8 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
             step = record["step"]
             batch = batch_at(step) if dist is None else dist.shard_batch(batch_at(step))
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss, stats = lm_loss(model, batch, p.balance_weight, teachers, p.distil_weight)
+            with deferred_reads(model, sinks):
+                loss, stats = lm_loss(model, batch, p.balance_weight, teachers, p.distil_weight)
             if dist is not None:  # the record holds the global batch's loss: the mean of the ranks' means
                 stats["lm_loss"] = dist.sum([stats["lm_loss"]])[0] / dist.world
             # with dist: the global batch's loss, so every rank stops at the same step
@@ -308,6 +313,7 @@ def train(model, batch_at: Callable[[int], Batch], eval_batches: list[Batch], p:
                 break
     finally:  # a failure ends the bar's line, so the error message gets its own
         bar.close()
+    record["fused_update"] = fused  # whether the sparse pools took the fused backward + SparseAdam
     if steps_here:
         log.info("%d steps, %.2f s per step", steps_here, (time.perf_counter() - t_start) / steps_here)
     if best_state is not None:

@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -152,3 +153,30 @@ def test_sparse_grad_gives_sparse_value_gradients():
     assert grad.is_sparse
     touched = grad.coalesce().indices()[0].unique()
     assert 0 < touched.numel() <= 4 * 2 * 4
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("balance", ["soft", "hard", "none"])
+def test_balance_from_the_searchs_usage_equals_scoring_every_sub_key_again(balance, backend, monkeypatch):
+    """The forward takes the balance statistics from pk_topk(usage=True) (no extra pass over the
+    sub-keys for the soft usage): the same loss and the same gradients as balance_loss's own pass."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if os.environ.get("TRITON_INTERPRET") != "1":  # these tensors live on the CPU (tests/gpu: CUDA)
+            pytest.skip("the CPU tests run the Triton kernels interpreted (TRITON_INTERPRET=1)")
+    monkeypatch.setenv("SLOTWISE_KERNELS", backend)
+    mem = _layer(balance=balance).train()
+    x = torch.randn(6, 24)
+    got = mem(x).balance
+    if balance == "none":
+        assert got is None and mem.balance_loss(mem.queries(x)) is None
+        return
+    got.backward()
+    grads = {n: p.grad.clone() for n, p in mem.named_parameters() if p.grad is not None}
+    mem.zero_grad(set_to_none=True)
+    want = mem.balance_loss(mem.queries(x))  # usage=None: every sub-key scored here
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == {"keys", "query.weight", "query_norm.weight", "query_norm.bias"}
+    for n, g in grads.items():
+        torch.testing.assert_close(g, dict(mem.named_parameters())[n].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")

@@ -25,10 +25,12 @@ every parameter but the value pools is frozen; rows that are not selected, and t
 are never written, so they stay bitwise identical. Set the Trainer's max_grad_norm to 0: clipping
 would scale the selected rows' update by the norm of the whole pool's gradient. The model may be
 a retrofitted base model or a SlotwiseForCausalLM loaded through transformers with slotwise installed.
+The pools take their gradient from the loop's backward: smf.fused_update 'auto' runs unfused here.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 import torch.nn as nn
@@ -36,10 +38,16 @@ import torch.nn as nn
 from slotwise.continual.selection import Background
 from slotwise.continual.smf import SMFConfig, SparseMemoryFinetuner, count_mask
 from slotwise.retrofit import record_lookups
+from slotwise.schema import FusedUpdate
 
 
 class SparseMemoryOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, cfg: SMFConfig, backgrounds: dict[int, Background] | None = None):
+        if cfg.fused_update == FusedUpdate.on:
+            raise ValueError("SparseMemoryOptimizer: smf.fused_update='on' is not supported (the Trainer's backward "
+                             "gives the pools their gradient); use 'auto' or 'off'")
+        # the gradient path: the loop outside runs the forward and backward, this optimizer only steps
+        cfg = dataclasses.replace(cfg, fused_update=FusedUpdate.off)
         self.smf = SparseMemoryFinetuner(model, backgrounds, cfg)  # freezes all but the value pools
         super().__init__([pool.weight for pool in self.smf.pools], {"lr": cfg.lr})
         self.model = model

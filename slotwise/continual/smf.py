@@ -11,6 +11,10 @@ One step on a batch (input_ids (B, S), attention_mask (B, S), labels (B, S), -10
     update rows R only                      sgd:  W[R] -= lr * g[R]                 (kernels.sparse_sgd_)
                                             adam: lazy per-row Adam on W[R], state of R only
                                                   (kernels.sparse_adam_)
+    or, fused (fused_update: on, or auto on CUDA): the forward records each pool's reads, the
+    backward leaves the pool without a gradient, and one fused backward + step per pool updates
+    the rows of R (kernels.weighted_bag_backward_{sgd,adam}_ with row_mask R; all the layers
+    sharing a pool merged into one step; slotwise.fused_update).
 
 Every other parameter is frozen (requires_grad False) and never passed to an optimizer; rows not
 in R and their Adam state are never written, so they stay bitwise identical.
@@ -29,8 +33,9 @@ import torch.nn as nn
 from slotwise import kernels
 from slotwise.continual.pools import Pool, value_pools
 from slotwise.continual.selection import NEEDS_BACKGROUND, Background, Score, access_counts, rare_rows, select_slots, slot_scores
+from slotwise.fused_update import deferred_reads, fused_enabled, pool_sinks
 from slotwise.retrofit import record_lookups
-from slotwise.schema import Choice, check, number, positive
+from slotwise.schema import Choice, FusedUpdate, check, number, positive
 
 
 class CountOn(Choice):
@@ -59,6 +64,7 @@ class SMFConfig:
     kl_smoothing: float = 1.0
     max_df_fraction: float | None = number(None, low=0, high=1, open_low=True)  # only rows with df <= this * |B| ("rare rows")
     seed: int = 0  # for score="random": step s uses seed + s
+    fused_update: FusedUpdate = FusedUpdate.auto  # backward fused with the step (auto: on CUDA pools)
 
     def __post_init__(self):
         check(self, "smf")
@@ -136,7 +142,12 @@ class SparseMemoryFinetuner:
                     "exp_avg_sq": torch.zeros(w.shape, dtype=torch.float32, device=w.device),  # (N, D)
                     "step": torch.zeros(w.shape[0], dtype=torch.int64, device=w.device),  # (N,) per-row
                 }
+        self.sinks = pool_sinks(model) if fused_enabled(cfg.fused_update, model, [p.weight for p in self.pools]) else None
         self.n_steps = 0
+
+    def reading(self):
+        """The context the step's forward runs in: on the fused path each pool's reads are recorded."""
+        return deferred_reads(self.model, self.sinks)
 
     def pool_counts(self, lookups: dict, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Access counts (N,) per pool, summed over its layers and over every recorded forward."""
@@ -163,11 +174,16 @@ class SparseMemoryFinetuner:
 
     @torch.no_grad()
     def update_rows(self, chosen: dict[str, torch.Tensor], lr: float | None = None) -> None:
-        """One optimizer step on rows `chosen` of each pool, from the pool's .grad (then cleared);
-        no other row, and no other row's Adam state, is written. lr: None = cfg.lr. Column by column:
-        on a column-sharded pool it updates this rank's columns of the same rows."""
+        """One optimizer step on rows `chosen` of each pool, from the pool's .grad (then cleared), or on
+        the fused path from its recorded reads; no other row, and no other row's Adam state, is written.
+        lr: None = cfg.lr. Column by column: on a column-sharded pool it updates this rank's columns of
+        the same rows."""
         cfg = self.cfg
         lr = cfg.lr if lr is None else lr
+        if self.sinks is not None:
+            self._fused_update(chosen, lr)
+            self.n_steps += 1
+            return
         for pool in self.pools:
             rows, w = chosen[pool.name], pool.weight
             if rows.numel() == 0 or w.grad is None:
@@ -183,11 +199,31 @@ class SparseMemoryFinetuner:
             w.grad = None
         self.n_steps += 1
 
+    def _fused_update(self, chosen: dict[str, torch.Tensor], lr: float) -> None:
+        cfg = self.cfg
+        for pool in self.pools:
+            sink, rows, w = self.sinks[id(pool.weight)], chosen[pool.name], pool.weight
+            if not len(sink):  # not read in this step
+                continue
+            reads = sink.take()  # (ids, weights, grad_out) of every layer reading the pool
+            if rows.numel() == 0:
+                continue
+            mask = torch.zeros(w.shape[0], dtype=torch.bool, device=w.device)  # (N,)
+            mask[rows.to(w.device)] = True
+            if cfg.optimizer == "sgd":
+                kernels.weighted_bag_backward_sgd_(w.data, *reads, lr, row_mask=mask, return_rows=False,
+                                                   need_grad_w=False)
+            else:
+                s = self.state[pool.name]
+                kernels.weighted_bag_backward_adam_(w.data, s["exp_avg"], s["exp_avg_sq"], s["step"], *reads, lr,
+                                                    cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, row_mask=mask,
+                                                    return_rows=False, need_grad_w=False)
+
     def step(self, batch: dict) -> dict:
         cfg = self.cfg
         for pool in self.pools:
             pool.weight.grad = None
-        with record_lookups(self.model) as lookups:
+        with record_lookups(self.model) as lookups, self.reading():
             out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
         mask = count_mask(batch, cfg.count_on)
         chosen = self.select(self.pool_counts(lookups, mask))

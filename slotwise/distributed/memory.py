@@ -61,6 +61,17 @@ class _ScaleGrad(torch.autograd.Function):
         return g * ctx.scale, None
 
 
+class _ScaledSink:
+    """A DeferredBagGrads that records grad_out * scale (the deferred twin of _ScaleGrad: only the values'
+    gradient is scaled, the weights' gradient the bag hands back is not)."""
+
+    def __init__(self, sink: kernels.DeferredBagGrads, scale: float):
+        self.sink, self.scale = sink, scale
+
+    def add(self, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor) -> None:
+        self.sink.add(ids, weights, grad_out * self.scale)
+
+
 class ShardedValuePool(nn.Module):
     """This rank's columns of an (N, D) value pool: weight (N, D_r); reads need every rank (collectives)."""
 
@@ -105,8 +116,11 @@ class ShardedValuePool(nn.Module):
         t = torch.tensor([n], dtype=torch.int64, device=self.weight.device)
         return funcol.all_gather_single(t, 0, self.group).tolist()
 
-    def bag(self, ids: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = False) -> torch.Tensor:
-        """ids, weights (T_r, H, knn) of this rank's tokens -> (T_r, D): the same as ValuePool.bag on the full pool."""
+    def bag(self, ids: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = False,
+            defer: kernels.DeferredBagGrads | None = None) -> torch.Tensor:
+        """ids, weights (T_r, H, knn) of this rank's tokens -> (T_r, D): the same as ValuePool.bag on the full pool.
+        defer: record (every rank's ids and weights, the output gradient of this rank's columns, scaled
+        by 1 / W as the gradient would be) there for a fused step on this rank's columns."""
         T = ids.shape[0]
         sizes = self._token_counts(T)  # T_s of every rank
         tmax = max(sizes)
@@ -120,8 +134,12 @@ class ShardedValuePool(nn.Module):
         if min(sizes) < tmax:
             keep = torch.cat([torch.arange(s * tmax, s * tmax + n, device=ids.device) for s, n in enumerate(sizes)])
             ids_all, w_all = ids_all[keep], w_all[keep]  # (T_all, H, knn)
-        values = _ScaleGrad.apply(self.weight, 1.0 / self.world) if self.world > 1 else self.weight
-        y_cols = kernels.weighted_bag(values, ids_all.long(), w_all, sparse_grad=sparse_grad)  # (T_all, D_r)
+        if defer is not None:
+            sink = _ScaledSink(defer, 1.0 / self.world) if self.world > 1 else defer
+            y_cols = kernels.weighted_bag(self.weight, ids_all.long(), w_all, defer=sink)  # (T_all, D_r)
+        else:
+            values = _ScaleGrad.apply(self.weight, 1.0 / self.world) if self.world > 1 else self.weight
+            y_cols = kernels.weighted_bag(values, ids_all.long(), w_all, sparse_grad=sparse_grad)  # (T_all, D_r)
         width = self.col_stop - self.col_start
         recv = funcol.all_to_all_single_autograd(
             y_cols.reshape(-1), [T * d for d in self.widths], [n * width for n in sizes], self.group)

@@ -64,7 +64,7 @@ class ShardedSMF:
         local = d.shard_batch(batch)
         for pool in smf.pools:
             pool.weight.grad = None
-        with record_lookups(self.model) as lookups:
+        with record_lookups(self.model) as lookups, smf.reading():
             out = self.model(input_ids=local["input_ids"], attention_mask=local.get("attention_mask"))
         loss, global_loss = rank_mean_loss(out.logits, local["labels"], d)
         counts = smf.pool_counts(lookups, count_mask(local, self.cfg.count_on))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import dataclasses
 import functools
 import os
 import shutil
@@ -34,16 +35,17 @@ TINY = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_atten
             num_key_value_heads=2, vocab_size=101, max_position_embeddings=64)
 
 
-def retrofit_cfg(shared: bool) -> RetrofitConfig:
+def retrofit_cfg(shared: bool, sparse: bool = False) -> RetrofitConfig:
     return RetrofitConfig(layers=[1, 3], memory=MemoryConfig(n_keys=8, heads=2, knn=4, k_dim=16, v_dim=V_DIM,
-                                                             out_init_std=0.05, shared_values=shared))
+                                                             out_init_std=0.05, shared_values=shared,
+                                                             sparse_grad=sparse))
 
 
-def memory_model(shared: bool = False, seed: int = 0):
+def memory_model(shared: bool = False, seed: int = 0, sparse: bool = False):
     """A tiny Llama with memory in layers 1 and 3 (64 slots, 2 heads, knn 4, values 41 wide)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY, tie_word_embeddings=True))
-    retrofit(model, retrofit_cfg(shared))
+    retrofit(model, retrofit_cfg(shared, sparse))
     return model.eval()
 
 
@@ -113,6 +115,8 @@ def measure_traffic(d, shape: dict) -> list[dict[str, int]]:
 HEAL_LOOP = LoopParams(max_steps=2, eval_every=1, early_stop_patience=None, save_every=1, seed=0,
                        balance_weight=0.03, trainable="memory",
                        optim=OptimParams(lr_values=0.05, lr_memory=0.01, warmup_steps=0, grad_clip=0.05))
+# the heal on sparse pools (SparseAdam), its shards stepped by the fused backward + SparseAdam
+HEAL_FUSED_LOOP = dataclasses.replace(HEAL_LOOP, optim=dataclasses.replace(HEAL_LOOP.optim, fused_update="on"))
 
 
 def heal_batch_at(step: int) -> dict[str, torch.Tensor]:
@@ -129,6 +133,7 @@ def heal_eval_batches() -> list[dict[str, torch.Tensor]]:
 # --- SMF ---------------------------------------------------------------------------------------
 
 SMF_CFG = SMFConfig(top_t=12, score="tfidf", optimizer="adam", lr=1e-2)
+SMF_FUSED_CFG = dataclasses.replace(SMF_CFG, fused_update="on")  # each rank: fused steps on its columns
 
 
 def smf_background() -> dict[int, Background]:
@@ -178,7 +183,7 @@ def _gather_full(local: torch.Tensor, dim: int) -> torch.Tensor | None:
     return gather_rows(ShardedValuePool(local.detach(), dim), torch.arange(local.shape[0]))
 
 
-SCENARIOS = ("layer", "traffic", "heal", "smf", "stats", "ckpt")
+SCENARIOS = ("layer", "traffic", "heal", "heal_fused", "smf", "smf_fused", "stats", "ckpt")
 
 
 def _worker(out: Path, which: tuple[str, ...] = SCENARIOS) -> None:
@@ -217,8 +222,12 @@ def _worker(out: Path, which: tuple[str, ...] = SCENARIOS) -> None:
         save("traffic", measure_traffic(d, TRAFFIC))
     if "heal" in which:
         _heal(out, d, save)
+    if "heal_fused" in which:
+        _heal(out, d, save, "heal_fused", HEAL_FUSED_LOOP, sparse=True)
     if "smf" in which:
         _smf(out, d, save)
+    if "smf_fused" in which:
+        _smf(out, d, save, "smf_fused", SMF_FUSED_CFG)
     if "stats" in which:
         _stats(d, save)
     if "ckpt" in which:
@@ -226,18 +235,18 @@ def _worker(out: Path, which: tuple[str, ...] = SCENARIOS) -> None:
     shutdown()
 
 
-def _heal(out, d, save):
+def _heal(out, d, save, name="heal", loop=HEAL_LOOP, sparse=False):
     from slotwise.distributed.training import gather_for_save, prepare
     from slotwise.training import train
 
-    model = memory_model()
-    ddp = prepare(model, d, HEAL_LOOP.trainable)
-    record = train(ddp, heal_batch_at, heal_eval_batches(), HEAL_LOOP, out / "heal_state", progress=False, dist=d)
+    model = memory_model(sparse=sparse)
+    ddp = prepare(model, d, loop.trainable)
+    record = train(ddp, heal_batch_at, heal_eval_batches(), loop, out / f"{name}_state", progress=False, dist=d)
     gather_for_save(ddp, d)
-    save("heal", {"state": {k: v.clone() for k, v in model.state_dict().items()}, "record": record})
+    save(name, {"state": {k: v.clone() for k, v in model.state_dict().items()}, "record": record})
 
 
-def _smf(out, d, save):
+def _smf(out, d, save, name="smf", cfg=SMF_CFG):
     """SMF: two sharded steps, then the sparse delta gathered on rank 0."""
     from slotwise.continual.delta import save_delta
     from slotwise.distributed.smf import ShardedSMF, extract_delta_sharded
@@ -246,12 +255,13 @@ def _smf(out, d, save):
     model = memory_model(shared=True)
     shard_value_pools(model)
     base = copy.deepcopy(model)
-    smf = ShardedSMF(model, smf_background(), SMF_CFG, d)
+    smf = ShardedSMF(model, smf_background(), cfg, d)
     steps = [smf.step(b) for b in smf_batches()]
     delta = extract_delta_sharded(base, model)
     if d.is_main:
-        save_delta(delta, out / f"smf_delta_w{d.world}")
-    save("smf", {"selected": [s["selected"] for s in steps], "loss": [s["loss"] for s in steps]})
+        save_delta(delta, out / f"{name}_delta_w{d.world}")
+    save(name, {"selected": [s["selected"] for s in steps], "loss": [s["loss"] for s in steps],
+                "fused": smf.smf.sinks is not None})
 
 
 def _stats(d, save):

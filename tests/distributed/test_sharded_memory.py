@@ -38,10 +38,14 @@ def test_sharded_layer_gives_the_single_process_outputs_and_gradients(world, cas
     assert got["sparse"] == mem.cfg.sparse_grad  # a sparse pool's shard gets a sparse gradient too
 
 
+@pytest.mark.parametrize("name", ["heal", "heal_fused"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_two_heal_steps_on_sharded_pools_give_the_single_process_weights(world, tmp_path):
-    got = torch.load(run_world(world) / f"heal_w{world}.pt")
-    model = memory_model()
+def test_two_heal_steps_on_sharded_pools_give_the_single_process_weights(world, name, tmp_path):
+    """heal: dense pools (Adam); heal_fused: sparse pools, each rank's columns stepped by the fused
+    backward + SparseAdam, against one process's torch.optim.SparseAdam on the sparse gradients."""
+    got = torch.load(run_world(world) / f"{name}_w{world}.pt")
+    assert got["record"]["fused_update"] == (name == "heal_fused")
+    model = memory_model(sparse=name == "heal_fused")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     record = train(model, heal_batch_at, heal_eval_batches(), HEAL_LOOP, tmp_path / "state", progress=False)
     assert record["best_step"] == 2  # the final weights are the trained ones, not the start

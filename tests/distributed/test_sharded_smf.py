@@ -1,4 +1,6 @@
-"""A sharded SMF step touches the rows a single process touches and writes the same sparse delta."""
+"""A sharded SMF step touches the rows a single process touches and writes the same sparse delta,
+through the pool's gradient ("smf") and through the fused backward + update on each rank's columns
+("smf_fused"); the single-process reference takes the gradient path."""
 import copy
 
 import pytest
@@ -18,10 +20,12 @@ def single_process():
     return steps, extract_delta(base, model)
 
 
+@pytest.mark.parametrize("name", ["smf", "smf_fused"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_sharded_smf_selects_the_same_rows(world, single_process):
+def test_sharded_smf_selects_the_same_rows(world, name, single_process):
     steps, _ = single_process
-    got = torch.load(run_world(world) / f"smf_w{world}.pt")
+    got = torch.load(run_world(world) / f"{name}_w{world}.pt")
+    assert got["fused"] == (name == "smf_fused")
     for mine, ref in zip(got["selected"], [s["selected"] for s in steps]):
         assert mine.keys() == ref.keys() == {1}  # one pool shared by layers 1 and 3
         assert torch.equal(mine[1], ref[1])
@@ -29,10 +33,11 @@ def test_sharded_smf_selects_the_same_rows(world, single_process):
     assert got["loss"] == pytest.approx([s["loss"] for s in steps], rel=1e-6)
 
 
+@pytest.mark.parametrize("name", ["smf", "smf_fused"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_sharded_smf_writes_the_single_process_delta(world, single_process):
+def test_sharded_smf_writes_the_single_process_delta(world, name, single_process):
     _, ref = single_process
-    got = load_delta(run_world(world) / f"smf_delta_w{world}")
+    got = load_delta(run_world(world) / f"{name}_delta_w{world}")
     assert got.base_hash == ref.base_hash  # the unsharded state, hashed from the shards
     assert got.pools.keys() == ref.pools.keys()
     for name, pd in ref.pools.items():
