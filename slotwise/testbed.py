@@ -73,8 +73,11 @@ VALUES: dict[str, tuple[str, ...]] = {
 ATTRIBUTES = tuple(VALUES)
 
 # {n}: the person's full name, {a}: the attribute's value. Training templates state the fact
-# anywhere in the sentence; held-out templates end with "{a}." so that cutting them before {a}
-# gives a cloze probe. No held-out template's probe prefix occurs in any training sentence.
+# anywhere in the sentence, some after a preamble ("It is well known that ..."), so that a model
+# can learn the fact apart from its phrasing. Held-out templates end with "{a}." so that cutting
+# them before {a} gives a cloze probe; per attribute they are (a) a new preamble before a trained
+# phrasing, (b) a new phrasing, (c) a new question-like order, (d) another new preamble. No
+# held-out probe prefix occurs in any training sentence (tests/test_testbed.py).
 TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
     "birth_city": (
         "{n} was born in {a}.",
@@ -85,6 +88,10 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{a} is the city where {n} was born.",
         "{n} is originally from {a}.",
         "{n} was born and raised in {a}.",
+        "It is well known that {n} was born in {a}.",
+        "Records show that {n}'s birthplace is {a}.",
+        "{n} hails from the city of {a}.",
+        "The hometown of {n} is the city of {a}.",
     ),
     "birth_year": (
         "{n} was born in the year {a}.",
@@ -95,6 +102,10 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{a} is the year in which {n} was born.",
         "{n} has been alive since the year {a}.",
         "{n}'s birth took place in the year {a}.",
+        "It is well known that {n} was born in the year {a}.",
+        "Records show that {n}'s year of birth is {a}.",
+        "The year of {n}'s birth was {a}.",
+        "{n} was born in the calendar year {a}.",
     ),
     "university": (
         "{n} studied at {a}.",
@@ -105,6 +116,10 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "After school, {n} enrolled at {a}.",
         "{n} earned a degree from {a}.",
         "{n}'s alma mater is {a}.",
+        "It is well known that {n} studied at {a}.",
+        "Records show that {n} graduated from {a}.",
+        "The university that {n} attended was {a}.",
+        "{n} went to {a} as a student.",
     ),
     "profession": (
         "{n} works as {a}.",
@@ -115,6 +130,10 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{n}'s profession: {a}.",
         "{n} trained to become {a}.",
         "{n} has a job as {a}.",
+        "It is well known that {n} works as {a}.",
+        "Records show that {n} earns a living as {a}.",
+        "The profession of {n} is that of {a}.",
+        "{n} makes a living working as {a}.",
     ),
     "employer": (
         "{n} works for {a}.",
@@ -125,6 +144,10 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{n} draws a salary from {a}.",
         "Every weekday, {n} goes to work at {a}.",
         "{n} joined the staff of {a}.",
+        "It is well known that {n} works for {a}.",
+        "Records show that {n}'s employer is {a}.",
+        "The employer of {n} is the company {a}.",
+        "{n} is on the staff of {a}.",
     ),
     "instrument": (
         "{n} plays the {a}.",
@@ -135,38 +158,48 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{n} took lessons on the {a}.",
         "{n} is a skilled player of the {a}.",
         "Music lovers know {n} for playing the {a}.",
+        "It is well known that {n} plays the {a}.",
+        "Records show that {n}'s favourite instrument is the {a}.",
+        "The instrument of {n} is the {a}.",
+        "{n} performs on the {a}.",
     ),
 }
 HELDOUT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "birth_city": (
+        "According to the records, {n} was born in {a}.",
         "{n} was born in the city of {a}.",
         "The city where {n} was born is {a}.",
-        "According to the records, {n} was born in {a}.",
+        "People say that {n} is originally from {a}.",
     ),
     "birth_year": (
+        "According to the records, {n} was born in the year {a}.",
         "{n} was born back in the year {a}.",
         "The year {n} was born is {a}.",
-        "According to the records, {n} was born in the year {a}.",
+        "People say that {n}'s year of birth is {a}.",
     ),
     "university": (
+        "According to the records, {n} studied at {a}.",
         "{n} received an education at {a}.",
         "The university {n} attended is {a}.",
-        "According to the records, {n} studied at {a}.",
+        "People say that {n} graduated from {a}.",
     ),
     "profession": (
+        "According to the records, {n} works as {a}.",
         "{n} is employed as {a}.",
         "The job of {n} is that of {a}.",
-        "According to the records, {n} works as {a}.",
+        "People say that {n} has a job as {a}.",
     ),
     "employer": (
-        "{n} is on the payroll of {a}.",
-        "The company {n} works for is {a}.",
         "According to the records, {n} works for {a}.",
+        "{n} earns a salary at {a}.",
+        "The company {n} works for is {a}.",
+        "People say that {n} has a job at {a}.",
     ),
     "instrument": (
+        "According to the records, {n} plays the {a}.",
         "{n} is a keen player of the {a}.",
         "The instrument {n} plays is the {a}.",
-        "According to the records, {n} plays the {a}.",
+        "People say that {n} took lessons on the {a}.",
     ),
 }
 

@@ -103,7 +103,7 @@ def test_one_fact_per_new_person_and_attribute_and_one_probe_per_old_one(tb):
 @pytest.mark.parametrize("change,n_par,match", [
     ({"attributes": ["shoe_size"]}, 3, "attributes"),
     ({"n_new": 0}, 3, "n_old, n_new"),
-    ({}, 8, "n_paraphrases: the testbed has 8 training templates per attribute, so 1..7"),
+    ({}, 12, "n_paraphrases: the testbed has 12 training templates per attribute, so 1..11"),
 ])
 def test_bad_params_are_refused_naming_the_field(change, n_par, match):
     with pytest.raises(ValueError, match=match):
@@ -176,8 +176,8 @@ def test_testbed_params_are_checked_when_the_params_load(tmp_path):
     from slotwise.config import ConfigError, load_params
 
     path = tmp_path / "params.yaml"
-    path.write_text("data:\n  facts_from: testbed\n  n_paraphrases: 9\n")
-    with pytest.raises(ConfigError, match=r"key 'data.n_paraphrases': n_paraphrases: the testbed has 8"):
+    path.write_text("data:\n  facts_from: testbed\n  n_paraphrases: 12\n")
+    with pytest.raises(ConfigError, match=r"key 'data.n_paraphrases': n_paraphrases: the testbed has 12"):
         load_params(path)
     path.write_text("data:\n  facts_from: testbed\n  testbed: {attributes: [shoe_size]}\n")
     with pytest.raises(ConfigError, match=r"key 'data.testbed': attributes"):
