@@ -177,7 +177,7 @@ def test_testbed_params_are_checked_when_the_params_load(tmp_path):
 
     path = tmp_path / "params.yaml"
     path.write_text("data:\n  facts_from: testbed\n  n_paraphrases: 12\n")
-    with pytest.raises(ConfigError, match=r"key 'data.n_paraphrases': n_paraphrases: the testbed has 12"):
+    with pytest.raises(ConfigError, match=r"key 'data.n_paraphrases': expected 1..11, got 12"):
         load_params(path)
     path.write_text("data:\n  facts_from: testbed\n  testbed: {attributes: [shoe_size]}\n")
     with pytest.raises(ConfigError, match=r"key 'data.testbed': attributes"):
