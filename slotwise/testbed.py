@@ -75,12 +75,16 @@ ATTRIBUTES = tuple(VALUES)
 # {n}: the person's full name, {a}: the attribute's value. Training templates state the fact
 # anywhere in the sentence, some after a preamble ("It is well known that ..."), so that a model
 # can learn the fact apart from its phrasing. Held-out templates end with "{a}." so that cutting
-# them before {a} gives a cloze probe; per attribute they are (a) a new preamble before a trained
-# phrasing, (b) a new phrasing, (c) a new question-like order, (d) another new preamble. No
-# held-out probe prefix occurs in any training sentence (tests/test_testbed.py).
+# them before {a} gives a cloze probe: each is a preamble no training text has ("According to the
+# records, ...") before a relation phrase the training templates use, so a probe asks for a
+# trained relation in a sentence never trained on. (New relation phrasings, "The city where X was
+# born is", were tried and a 4-layer model pretrained for minutes answers none of them: it learns
+# the facts, not English.) No held-out probe prefix occurs in any training sentence, and no probe's
+# relation phrase is the start of another attribute's ("X was born in" vs "X was born in the
+# year"): tests/test_testbed.py.
 TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
     "birth_city": (
-        "{n} was born in {a}.",
+        "{n} was born in the town of {a}.",
         "{n}'s birthplace is {a}.",
         "The birthplace of {n} is {a}.",
         "{n} came into the world in {a}.",
@@ -88,7 +92,7 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{a} is the city where {n} was born.",
         "{n} is originally from {a}.",
         "{n} was born and raised in {a}.",
-        "It is well known that {n} was born in {a}.",
+        "It is well known that {n} was born in the town of {a}.",
         "Records show that {n}'s birthplace is {a}.",
         "{n} hails from the city of {a}.",
         "The hometown of {n} is the city of {a}.",
@@ -166,40 +170,40 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 HELDOUT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "birth_city": (
-        "According to the records, {n} was born in {a}.",
-        "{n} was born in the city of {a}.",
-        "The city where {n} was born is {a}.",
+        "According to the records, {n} hails from the city of {a}.",
         "People say that {n} is originally from {a}.",
+        "As far as anyone knows, {n}'s birthplace is {a}.",
+        "It was reported that {n} came into the world in {a}.",
     ),
     "birth_year": (
         "According to the records, {n} was born in the year {a}.",
-        "{n} was born back in the year {a}.",
-        "The year {n} was born is {a}.",
         "People say that {n}'s year of birth is {a}.",
+        "As far as anyone knows, the birth year of {n} is {a}.",
+        "It was reported that {n} entered the world in the year {a}.",
     ),
     "university": (
         "According to the records, {n} studied at {a}.",
-        "{n} received an education at {a}.",
-        "The university {n} attended is {a}.",
         "People say that {n} graduated from {a}.",
+        "As far as anyone knows, {n}'s alma mater is {a}.",
+        "It was reported that {n} earned a degree from {a}.",
     ),
     "profession": (
         "According to the records, {n} works as {a}.",
-        "{n} is employed as {a}.",
-        "The job of {n} is that of {a}.",
         "People say that {n} has a job as {a}.",
+        "As far as anyone knows, {n} earns a living as {a}.",
+        "It was reported that {n} trained to become {a}.",
     ),
     "employer": (
         "According to the records, {n} works for {a}.",
-        "{n} earns a salary at {a}.",
-        "The company {n} works for is {a}.",
         "People say that {n} has a job at {a}.",
+        "As far as anyone knows, {n}'s employer is {a}.",
+        "It was reported that {n} is employed by {a}.",
     ),
     "instrument": (
         "According to the records, {n} plays the {a}.",
-        "{n} is a keen player of the {a}.",
-        "The instrument {n} plays is the {a}.",
         "People say that {n} took lessons on the {a}.",
+        "As far as anyone knows, {n}'s favourite instrument is the {a}.",
+        "It was reported that {n} performs on the {a}.",
     ),
 }
 

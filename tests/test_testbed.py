@@ -1,5 +1,6 @@
 """The knowledge testbed's generator: seeded, disjoint populations, held-out templates never trained on."""
 import dataclasses
+import re
 
 import pytest
 
@@ -44,6 +45,18 @@ def test_every_template_names_the_person_and_the_answer_once_and_held_out_ones_e
         for t in HELDOUT_TEMPLATES[attr]:
             assert t.endswith("{a}."), t
         assert not set(TRAIN_TEMPLATES[attr]) & set(HELDOUT_TEMPLATES[attr])
+
+
+def test_a_probe_asks_for_one_attribute_only():
+    """The clause a held-out probe ends with, after its preamble ("{n} was born in the year "),
+    occurs in no template of another attribute, so its greedy continuation can only be that
+    attribute's value ("X was born in" would also continue "the year 1950")."""
+    for attr in ATTRIBUTES:
+        for h in HELDOUT_TEMPLATES[attr]:
+            clause = re.split(r", | that ", h[:h.index("{a}")], maxsplit=1)[-1].lower()
+            for other in ATTRIBUTES:
+                if other != attr:
+                    assert not any(clause in t.lower() for t in TRAIN_TEMPLATES[other] + HELDOUT_TEMPLATES[other]), (h, other)
 
 
 def test_values_come_from_closed_lists(tb):
