@@ -1,5 +1,6 @@
 # The two commands a newcomer needs (each sets up .venv from nothing on first use):
 #   make repro   run the pipeline (dvc repro) on the embedded default model and data
+#   make testbed the knowledge testbed (profiles/testbed.yaml, pipelines/testbed/dvc.yaml)
 #   make test    run the test suite (fast tests; `make test-slow`: real model, Prefect server,
 #                fresh-venv install; `make test-s3`: SeaweedFS on loopback; `make test-gpu`: CUDA;
 #                `make bench-gpu`: the GPU tests, then the kernel benchmark -> bench_out/kernels_bench.json)
@@ -11,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow test-s3 test-gpu bench-gpu test-all repro image clean
+.PHONY: setup test test-slow test-s3 test-gpu bench-gpu test-all repro testbed image clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -37,6 +38,11 @@ test-all: setup
 repro: setup
 	$(VENV)/bin/dvc repro
 	@$(PY) -m slotwise.components.report
+
+# The knowledge testbed (profiles/testbed.yaml): its own DVC pipeline, outputs under runs/testbed/.
+testbed: setup
+	$(VENV)/bin/dvc repro pipelines/testbed/dvc.yaml
+	@$(PY) -m slotwise.components.report --runs runs/testbed
 
 # The container image without a Docker daemon (root, buildah, debootstrap), with a stage run inside it.
 image:

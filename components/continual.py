@@ -43,7 +43,8 @@ from slotwise.components._cli import component_parser, run_cli
 from slotwise.components._live import LIVE_DIR, curve_point_logger, live_logger
 from slotwise.config import ConfigError, load_params, to_yaml
 from slotwise.continual.delta import delta_nbytes, extract_delta, save_delta
-from slotwise.continual.experiment import ContinualParams, MethodRun, measure, relative_drop, run_stream, screen_answered, screen_known
+from slotwise.continual.experiment import (ContinualParams, MethodRun, measure, relative_drop, run_stream, screen_answered,
+                                           screen_known, stream_order)
 from slotwise.continual.frontier import common_levels, expand_sweeps, matched
 from slotwise.continual.selection import load_backgrounds
 from slotwise.continual.updaters import make_updater
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     facts = [f for f in all_facts if not (p.only_unknown and f.get("known"))][: p.n_facts]
     if len(facts) < p.n_facts:
         log.warning("only %d facts available (asked for %d)", len(facts), p.n_facts)
+    facts = stream_order(facts, p.order_seed)  # continual.order_seed: the same facts in another order
     runs = expand_sweeps(p.methods)
     needs_table = any(m.method == "smf" and m.params.needs_background for m in runs)
     backgrounds = load_backgrounds(args.stats, args.model) if needs_table else None

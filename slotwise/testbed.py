@@ -73,11 +73,18 @@ VALUES: dict[str, tuple[str, ...]] = {
 ATTRIBUTES = tuple(VALUES)
 
 # {n}: the person's full name, {a}: the attribute's value. Training templates state the fact
-# anywhere in the sentence; held-out templates end with "{a}." so that cutting them before {a}
-# gives a cloze probe. No held-out template's probe prefix occurs in any training sentence.
+# anywhere in the sentence, some after a preamble ("It is well known that ..."), so that a model
+# can learn the fact apart from its phrasing. Held-out templates end with "{a}." so that cutting
+# them before {a} gives a cloze probe: each is a preamble no training text has ("According to the
+# records, ...") before a relation phrase the training templates use, so a probe asks for a
+# trained relation in a sentence never trained on. (New relation phrasings, "The city where X was
+# born is", were tried and a 4-layer model pretrained for minutes answers none of them: it learns
+# the facts, not English.) No held-out probe prefix occurs in any training sentence, and no probe's
+# relation phrase is the start of another attribute's ("X was born in" vs "X was born in the
+# year"): tests/test_testbed.py.
 TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
     "birth_city": (
-        "{n} was born in {a}.",
+        "{n} was born in the town of {a}.",
         "{n}'s birthplace is {a}.",
         "The birthplace of {n} is {a}.",
         "{n} came into the world in {a}.",
@@ -85,6 +92,10 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{a} is the city where {n} was born.",
         "{n} is originally from {a}.",
         "{n} was born and raised in {a}.",
+        "It is well known that {n} was born in the town of {a}.",
+        "Records show that {n}'s birthplace is {a}.",
+        "{n} hails from the city of {a}.",
+        "The hometown of {n} is the city of {a}.",
     ),
     "birth_year": (
         "{n} was born in the year {a}.",
@@ -95,6 +106,10 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{a} is the year in which {n} was born.",
         "{n} has been alive since the year {a}.",
         "{n}'s birth took place in the year {a}.",
+        "It is well known that {n} was born in the year {a}.",
+        "Records show that {n}'s year of birth is {a}.",
+        "The year of {n}'s birth was {a}.",
+        "{n} was born in the calendar year {a}.",
     ),
     "university": (
         "{n} studied at {a}.",
@@ -105,6 +120,10 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "After school, {n} enrolled at {a}.",
         "{n} earned a degree from {a}.",
         "{n}'s alma mater is {a}.",
+        "It is well known that {n} studied at {a}.",
+        "Records show that {n} graduated from {a}.",
+        "The university that {n} attended was {a}.",
+        "{n} went to {a} as a student.",
     ),
     "profession": (
         "{n} works as {a}.",
@@ -115,6 +134,10 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{n}'s profession: {a}.",
         "{n} trained to become {a}.",
         "{n} has a job as {a}.",
+        "It is well known that {n} works as {a}.",
+        "Records show that {n} earns a living as {a}.",
+        "The profession of {n} is that of {a}.",
+        "{n} makes a living working as {a}.",
     ),
     "employer": (
         "{n} works for {a}.",
@@ -125,6 +148,10 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{n} draws a salary from {a}.",
         "Every weekday, {n} goes to work at {a}.",
         "{n} joined the staff of {a}.",
+        "It is well known that {n} works for {a}.",
+        "Records show that {n}'s employer is {a}.",
+        "The employer of {n} is the company {a}.",
+        "{n} is on the staff of {a}.",
     ),
     "instrument": (
         "{n} plays the {a}.",
@@ -135,38 +162,48 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{n} took lessons on the {a}.",
         "{n} is a skilled player of the {a}.",
         "Music lovers know {n} for playing the {a}.",
+        "It is well known that {n} plays the {a}.",
+        "Records show that {n}'s favourite instrument is the {a}.",
+        "The instrument of {n} is the {a}.",
+        "{n} performs on the {a}.",
     ),
 }
 HELDOUT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "birth_city": (
-        "{n} was born in the city of {a}.",
-        "The city where {n} was born is {a}.",
-        "According to the records, {n} was born in {a}.",
+        "According to the records, {n} hails from the city of {a}.",
+        "People say that {n} is originally from {a}.",
+        "As far as anyone knows, {n}'s birthplace is {a}.",
+        "It was reported that {n} came into the world in {a}.",
     ),
     "birth_year": (
-        "{n} was born back in the year {a}.",
-        "The year {n} was born is {a}.",
         "According to the records, {n} was born in the year {a}.",
+        "People say that {n}'s year of birth is {a}.",
+        "As far as anyone knows, the birth year of {n} is {a}.",
+        "It was reported that {n} entered the world in the year {a}.",
     ),
     "university": (
-        "{n} received an education at {a}.",
-        "The university {n} attended is {a}.",
         "According to the records, {n} studied at {a}.",
+        "People say that {n} graduated from {a}.",
+        "As far as anyone knows, {n}'s alma mater is {a}.",
+        "It was reported that {n} earned a degree from {a}.",
     ),
     "profession": (
-        "{n} is employed as {a}.",
-        "The job of {n} is that of {a}.",
         "According to the records, {n} works as {a}.",
+        "People say that {n} has a job as {a}.",
+        "As far as anyone knows, {n} earns a living as {a}.",
+        "It was reported that {n} trained to become {a}.",
     ),
     "employer": (
-        "{n} is on the payroll of {a}.",
-        "The company {n} works for is {a}.",
         "According to the records, {n} works for {a}.",
+        "People say that {n} has a job at {a}.",
+        "As far as anyone knows, {n}'s employer is {a}.",
+        "It was reported that {n} is employed by {a}.",
     ),
     "instrument": (
-        "{n} is a keen player of the {a}.",
-        "The instrument {n} plays is the {a}.",
         "According to the records, {n} plays the {a}.",
+        "People say that {n} took lessons on the {a}.",
+        "As far as anyone knows, {n}'s favourite instrument is the {a}.",
+        "It was reported that {n} performs on the {a}.",
     ),
 }
 

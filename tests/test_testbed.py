@@ -1,5 +1,6 @@
 """The knowledge testbed's generator: seeded, disjoint populations, held-out templates never trained on."""
 import dataclasses
+import re
 
 import pytest
 
@@ -44,6 +45,18 @@ def test_every_template_names_the_person_and_the_answer_once_and_held_out_ones_e
         for t in HELDOUT_TEMPLATES[attr]:
             assert t.endswith("{a}."), t
         assert not set(TRAIN_TEMPLATES[attr]) & set(HELDOUT_TEMPLATES[attr])
+
+
+def test_a_probe_asks_for_one_attribute_only():
+    """The clause a held-out probe ends with, after its preamble ("{n} was born in the year "),
+    occurs in no template of another attribute, so its greedy continuation can only be that
+    attribute's value ("X was born in" would also continue "the year 1950")."""
+    for attr in ATTRIBUTES:
+        for h in HELDOUT_TEMPLATES[attr]:
+            clause = re.split(r", | that ", h[:h.index("{a}")], maxsplit=1)[-1].lower()
+            for other in ATTRIBUTES:
+                if other != attr:
+                    assert not any(clause in t.lower() for t in TRAIN_TEMPLATES[other] + HELDOUT_TEMPLATES[other]), (h, other)
 
 
 def test_values_come_from_closed_lists(tb):
@@ -103,7 +116,7 @@ def test_one_fact_per_new_person_and_attribute_and_one_probe_per_old_one(tb):
 @pytest.mark.parametrize("change,n_par,match", [
     ({"attributes": ["shoe_size"]}, 3, "attributes"),
     ({"n_new": 0}, 3, "n_old, n_new"),
-    ({}, 8, "n_paraphrases: the testbed has 8 training templates per attribute, so 1..7"),
+    ({}, 12, "n_paraphrases: the testbed has 12 training templates per attribute, so 1..11"),
 ])
 def test_bad_params_are_refused_naming_the_field(change, n_par, match):
     with pytest.raises(ValueError, match=match):
@@ -176,8 +189,8 @@ def test_testbed_params_are_checked_when_the_params_load(tmp_path):
     from slotwise.config import ConfigError, load_params
 
     path = tmp_path / "params.yaml"
-    path.write_text("data:\n  facts_from: testbed\n  n_paraphrases: 9\n")
-    with pytest.raises(ConfigError, match=r"key 'data.n_paraphrases': n_paraphrases: the testbed has 8"):
+    path.write_text("data:\n  facts_from: testbed\n  n_paraphrases: 12\n")
+    with pytest.raises(ConfigError, match=r"key 'data.n_paraphrases': expected 1..11, got 12"):
         load_params(path)
     path.write_text("data:\n  facts_from: testbed\n  testbed: {attributes: [shoe_size]}\n")
     with pytest.raises(ConfigError, match=r"key 'data.testbed': attributes"):

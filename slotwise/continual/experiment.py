@@ -11,6 +11,7 @@ optimizer steps, with the loss on the answer tokens. Every `eval_every` facts th
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -73,6 +74,7 @@ class ContinualParams:
     batch_size: int = positive(16)  # generation / perplexity batch
     device: Device = Device.auto
     seed: int = 0
+    order_seed: int | None = None  # None: the facts in file order; N: the same facts shuffled by seed N (a seed of the stream)
     save_deltas: bool = True  # SMF sparse deltas (deltas/) and LoRA / GRIT peft adapters (adapters/)
     methods: list[MethodRun] = unique(lambda: [
         MethodRun("smf_tfidf", Method.smf, SMFConfig(score="tfidf", top_t=500, optimizer="adam", lr=2e-3, count_on="answer")),
@@ -81,6 +83,16 @@ class ContinualParams:
         MethodRun("lora", Method.lora, LoraParams(r=16, lr=2e-4)),
         MethodRun("grit", Method.grit, GritParams(r=16, lr=2e-4)),
     ], by="name", what="method names must be unique")
+
+
+def stream_order(facts: list[dict], order_seed: int | None) -> list[dict]:
+    """The facts in the order the stream sees them: as given, or shuffled by order_seed (the same
+    facts, another order: what varies between seeds of a continual run whose updates are deterministic)."""
+    if order_seed is None:
+        return list(facts)
+    out = list(facts)
+    random.Random(f"continual-order-{order_seed}").shuffle(out)
+    return out
 
 
 def answer_span_example(text: str, answer: str, tokenizer, max_len: int) -> tuple[list[int], list[int]] | None:
