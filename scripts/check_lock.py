@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/check_lock.py
 
-`dvc status` compares every stage's recorded dependencies with the working tree. Pipeline outputs
+`dvc status dvc.yaml` compares every stage of the default pipeline (what `make repro` runs) with the
+working tree; other pipelines (pipelines/testbed/dvc.yaml) are experiments whose locks are not committed. Pipeline outputs
 (runs/...) are absent in a fresh clone and are ignored here; a changed code file or params section
 means dvc.lock was not regenerated with the change that made it stale: exit 1, naming them.
 """
@@ -32,7 +33,7 @@ def main() -> int:
     root = Path(__file__).resolve().parents[1]
     dvc = Path(sys.executable).with_name("dvc")
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    res = subprocess.run([str(dvc), "status", "--json"], cwd=root, env=env, capture_output=True, text=True)
+    res = subprocess.run([str(dvc), "status", "dvc.yaml", "--json"], cwd=root, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         print(f"check_lock: dvc status failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
         return 1
