@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 TINY_PARAMS = """\
 data:
   sources: [packages]
+  local_dir: data                 # not read (packages only); dvc.yaml lists it as a train param
   n_facts: 4
   n_paraphrases: 2
   mark_known: false
