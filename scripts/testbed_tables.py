@@ -1,11 +1,13 @@
 """Markdown tables of a continual run (the testbed's sweep): every run, and the methods at matched acquisition.
 
     .venv/bin/python scripts/testbed_tables.py runs/testbed/continual > results/testbed-cpu-2026-11-27/tables.md
+    .venv/bin/python scripts/testbed_tables.py runs/testbed/.continual.parts --plot frontier.png  # a run cut off
 
 Reads <dir>/summary.json and <dir>/frontier.json (written by the continual stage); nothing is
 recomputed except the held-out LOSS change, log(ppl after) / log(ppl before) - 1, next to the
 perplexity change the stage reports. While the stage still runs, pass its .<name>.parts folder
-instead: the finished runs' result.json files are read (no frontier yet).
+instead: the finished runs' result.json files are read, and their frontier is computed the stage's
+way (slotwise.continual.frontier; --plot draws it with the stage's plot_frontier).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def runs_from_parts(parts: Path) -> tuple[dict, dict]:
     for f in sorted(parts.glob("*/result.json")):
         r = json.loads(f.read_text())["result"]
         end = r["curve"][-1]
-        runs[f.parent.name] = {"group": r.get("group", f.parent.name.split("@")[0]), "learned": end["learned"],
+        runs[f.parent.name] = {"group": r.get("group") or f.parent.name.split("@")[0], "learned": end["learned"],
                                "n_facts": end.get("facts_seen"), "known_kept": end["known_kept"],
                                "heldout_ppl": end["heldout_ppl"], "steps_per_fact_mean": end.get("steps_per_fact_mean"),
                                "start_ppl": r["curve"][0]["heldout_ppl"], "start_known": r["curve"][0]["known_kept"]}
@@ -33,13 +35,26 @@ def runs_from_parts(parts: Path) -> tuple[dict, dict]:
 
 def main(argv: list[str]) -> int:
     d = Path(argv[0])
+    plot = Path(argv[argv.index("--plot") + 1]) if "--plot" in argv else None
     if (d / "summary.json").is_file():
         s = json.loads((d / "summary.json").read_text())
         start, runs = s["start"], s["runs"]
         frontier = json.loads((d / "frontier.json").read_text()) if (d / "frontier.json").is_file() else {}
-    else:
+    else:  # a run still going (or cut off): its finished runs, and their frontier computed the stage's way
+        from slotwise.continual.frontier import common_levels, matched
+
         start, runs = runs_from_parts(d)
-        frontier = {}
+        known0 = next(iter(runs.values()))["start_known"]
+        ppl0 = next(iter(runs.values()))["start_ppl"]
+        for r in runs.values():
+            r["known_drop"] = 1 - r["known_kept"] / known0
+            r["heldout_ppl_rise"] = r["heldout_ppl"] / ppl0 - 1
+        groups = {n: r["group"] for n, r in runs.items()}
+        frontier = matched(runs, groups, common_levels(runs, groups))
+        if plot is not None:
+            from slotwise.continual.plots import plot_frontier
+
+            plot_frontier(runs, plot, n_known=known0)
     ppl0 = start.get("heldout_ppl") or next(iter(runs.values()))["start_ppl"]
     known0 = start.get("known_found") or next(iter(runs.values()))["start_known"]
     print(f"Start: {known0} old facts known (of {start.get('known_screened', '?')} probed, held-out templates); "
