@@ -94,3 +94,20 @@ def tiny_runs(tmp_path_factory, smol_tokenizer) -> Path:
     root = build_inputs(tmp_path_factory.mktemp("tiny") / "run", smol_tokenizer)
     run_stages(root)
     return root
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """The fused backward + update ops' backend (tests/test_fused_update.py, tests/continual/test_smf_fused.py);
+    the rest of the model runs as usual: the interpreted search is slow."""
+    if request.param == "triton":
+        pytest.importorskip("triton")
+        if os.environ.get("TRITON_INTERPRET") != "1":  # these tensors live on the CPU (tests/gpu: CUDA)
+            pytest.skip("the CPU tests run the Triton kernels interpreted (TRITON_INTERPRET=1)")
+        import functools
+
+        from slotwise import kernels
+
+        for name in ("weighted_bag_backward_sgd_", "weighted_bag_backward_adam_"):
+            monkeypatch.setattr(kernels, name, functools.partial(getattr(kernels, name), backend="triton"))
+    return request.param

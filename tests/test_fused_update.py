@@ -7,9 +7,7 @@ same weights come out, up to float summation order, over several steps of the re
 a killed and resumed fused heal ends with the weights of an uninterrupted one. backend "triton"
 runs the fused Triton kernel under TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU).
 """
-import functools
 import json
-import os
 
 import pytest
 import torch
@@ -22,18 +20,6 @@ from slotwise.retrofit import memory_layers, retrofit
 from slotwise.training import LoopParams, train
 
 STEPS = 5
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, monkeypatch):
-    """The fused op's backend (the rest of the model runs as usual: the interpreted search is slow)."""
-    if request.param == "triton":
-        pytest.importorskip("triton")
-        if os.environ.get("TRITON_INTERPRET") != "1":  # these tensors live on the CPU (tests/gpu: CUDA)
-            pytest.skip("the CPU tests run the Triton kernels interpreted (TRITON_INTERPRET=1)")
-        monkeypatch.setattr(kernels, "weighted_bag_backward_adam_",
-                            functools.partial(kernels.weighted_bag_backward_adam_, backend="triton"))
-    return request.param
 
 
 def sparse_model(shared: bool):

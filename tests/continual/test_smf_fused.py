@@ -8,8 +8,6 @@ selected rows equal up to float summation order. backend "triton" runs the fused
 under TRITON_INTERPRET=1 (tests/conftest.py sets it on a machine without a GPU).
 """
 import copy
-import functools
-import os
 
 import pytest
 import torch
@@ -24,18 +22,6 @@ from slotwise.memory import ChapterConfig, MemoryConfig
 from slotwise.retrofit import RetrofitConfig, retrofit
 
 STEPS = 3
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, monkeypatch):
-    """The fused ops' backend (the rest of the model runs as usual: the interpreted search is slow)."""
-    if request.param == "triton":
-        pytest.importorskip("triton")
-        if os.environ.get("TRITON_INTERPRET") != "1":  # these tensors live on the CPU (tests/gpu: CUDA)
-            pytest.skip("the CPU tests run the Triton kernels interpreted (TRITON_INTERPRET=1)")
-        for name in ("weighted_bag_backward_sgd_", "weighted_bag_backward_adam_"):
-            monkeypatch.setattr(kernels, name, functools.partial(getattr(kernels, name), backend="triton"))
-    return request.param
 
 
 def _stream(model, cfg):
