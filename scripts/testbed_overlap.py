@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         chosen = smf.select(smf.pool_counts(lookups, count_mask(batch, "answer")))
         rows.append(set().union(*(set(v.tolist()) for v in chosen.values())))
         attrs.append(f["extra"]["attribute"] if "extra" in f else f["id"].rsplit("-", 1)[1])
-        people.append(f["extra"]["person"] if "extra" in f else f["id"].split("-")[2])
+        people.append(f["extra"]["subject"] if "extra" in f else f["id"].split("-")[2])
     same, other = [], []
     for i, j in itertools.combinations(range(len(facts)), 2):
         if people[i] == people[j]:
