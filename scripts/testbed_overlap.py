@@ -1,7 +1,7 @@
 """Do a new fact's SMF rows belong to that person, or to the relation? (the testbed's specificity check)
 
     .venv/bin/python scripts/testbed_overlap.py --model runs/testbed/train --data runs/testbed/data \
-        --stats runs/testbed/slot_stats [--top-t 500] [--facts 24] [--count-on answer|subject|all]
+        --stats runs/testbed/slot_stats [--top-t 500] [--facts 24] [--count-on answer|subject|all] [--max-df F]
 
 For the first --facts new facts: the rows SMF would train (tfidf, counted on --count-on, top t), then
   same-relation overlap   mean |rows(f) & rows(g)| / t over pairs of facts of DIFFERENT people, SAME attribute
@@ -39,11 +39,13 @@ def main(argv=None) -> int:
     ap.add_argument("--facts", type=int, default=24)
     ap.add_argument("--score", default="tfidf")
     ap.add_argument("--count-on", default="answer", choices=["answer", "subject", "all"])
+    ap.add_argument("--max-df", type=float, default=None, help="smf.max_df_fraction: only rows with df <= this * |B|")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(True)
     model, tok = load_checkpoint(args.model)
     model.eval()
-    smf = SparseMemoryFinetuner(model, load_backgrounds(args.stats, args.model), SMFConfig(score=args.score, top_t=args.top_t, optimizer="sgd", lr=1.0))
+    smf = SparseMemoryFinetuner(model, load_backgrounds(args.stats, args.model), SMFConfig(score=args.score, top_t=args.top_t, optimizer="sgd", lr=1.0,
+                                                                                                      max_df_fraction=args.max_df))
     facts = [json.loads(line) for line in (Path(args.data) / "facts.jsonl").read_text().splitlines()][: args.facts]
     rows, attrs, people = [], [], []
     for f in facts:
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
         own_answer.append(share(torch.cat([r[-1] for r in recs])))
         own_subject.append(share(torch.cat([r[subject] for r in recs])))
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    print(f"top_t {args.top_t}, {len(facts)} facts: rows per fact {mean([len(r) for r in rows]):.0f}; "
+    print(f"top_t {args.top_t}, max_df {args.max_df}, {len(facts)} facts: rows per fact {mean([len(r) for r in rows]):.0f}; "
           f"overlap same relation {mean(same):.3f} ({len(same)} pairs), other relation {mean(other):.3f} ({len(other)} pairs); "
           f"old probes' answer-position reads in the fact's rows {mean(hits):.3f}; "
           f"its own probe's reads in its rows: answer position {mean(own_answer):.3f}, subject tokens {mean(own_subject):.3f}")
