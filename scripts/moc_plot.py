@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         tr = [(r["step"], r["lm_loss"]) for r in rows if "lm_loss" in r]
         w = max(1, args.window)
         smooth = [(tr[j + w - 1][0], sum(x for _, x in tr[j:j + w]) / w) for j in range(0, len(tr) - w + 1, w)]
-        ax.plot(*zip(*ev), marker="o", color=color, label=f"{LABELS[name]}: held-out {ev[-1][1]:.3f}")
+        ax.plot(*zip(*ev), marker="o", color=color, label=f"{LABELS[name]}: {ev[-1][1]:.3f} at step {ev[-1][0]}")
         if smooth:
             ax.plot(*zip(*smooth), color=color, alpha=0.3, linewidth=1)
         drawn += 1
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"moc_plot: no <variant>/history.json under {args.runs} (variants: {', '.join(VARIANTS)})")
     ax.set_xlabel("training step (8 x 128 tokens)")
     ax.set_ylabel("loss (nats / token)")
-    ax.set_title("Iso-FLOP pretraining: held-out loss (markers), training loss (faint)")
+    ax.set_title("Iso-FLOP pretraining: running held-out eval (markers), training loss (faint)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
