@@ -289,7 +289,7 @@ def new_fact(person: Person, attribute: str, index: int, n_paraphrases: int, rng
     probe = probe_prefix(rng.choice(HELDOUT_TEMPLATES[attribute]), person.name)
     return Fact(id=f"testbed-new-{index:05d}-{attribute}", source="testbed", question=probe, answers=[value],
                 statement=render(chosen[0], person.name, value), paraphrases=[render(t, person.name, value) for t in chosen[1:]],
-                probe=probe, known=False, extra={"person": person.name, "attribute": attribute})
+                probe=probe, known=False, extra={"subject": person.name, "attribute": attribute})
 
 
 def build_testbed(p: TestbedParams, seed: int, n_paraphrases: int) -> Testbed:

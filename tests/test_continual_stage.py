@@ -89,6 +89,30 @@ def test_trained_answer_tokens_are_the_tokens_the_probe_continues_with(smol_toke
     assert ids == tok(f"{probe} {answer}. He wrote plays.", add_special_tokens=False)["input_ids"]
 
 
+def test_subject_mask_marks_every_mention_of_the_subject(smol_tokenizer):
+    tok = smol_tokenizer
+    text = "Rune Haskenko was born in Valparaiso, and Rune Haskenko still lives there."
+    ids, labels, subject = answer_span_example(text, "Valparaiso", tok, 64, subject="Rune Haskenko")
+    marked = [t for t, m in zip(ids, subject) if m]
+    one = tok(" Rune Haskenko", add_special_tokens=False)["input_ids"]
+    first = tok("Rune Haskenko", add_special_tokens=False)["input_ids"]
+    assert marked == first + one  # both mentions, whole names, nothing else
+    assert not any(m and y != -100 for m, y in zip(subject, labels))  # never the answer's tokens
+    assert answer_span_example(text, "Valparaiso", tok, 64) == (ids, labels)  # no subject: the (ids, labels) pair
+
+
+def test_fact_batch_carries_the_subject_mask_only_for_facts_with_a_subject(smol_tokenizer):
+    fact = {"id": "f1", "answers": ["Valparaiso"], "statement": "Rune Haskenko was born in Valparaiso.",
+            "paraphrases": ["Valparaiso is where Rune Haskenko was born.", "The birthplace of Rune Haskenko is Valparaiso."]}
+    assert "subject_mask" not in fact_batch(fact, smol_tokenizer, True, 64)
+    batch = fact_batch({**fact, "extra": {"subject": "Rune Haskenko"}}, smol_tokenizer, True, 64)
+    mask = batch["subject_mask"]
+    assert mask.shape == batch["input_ids"].shape and mask.dtype == torch.bool
+    assert not (mask & ~batch["attention_mask"].bool()).any()  # never on padding
+    for row, ids in zip(mask, batch["input_ids"]):
+        assert smol_tokenizer.decode(ids[row]).replace(" ", "") == "RuneHaskenko"
+
+
 def test_an_answer_at_the_start_of_a_paraphrase_has_no_space_to_carry(smol_tokenizer):
     ids, labels = answer_span_example("Stratford-upon-Avon is where William Shakespeare was born.", "Stratford-upon-Avon",
                                       smol_tokenizer, 64)

@@ -65,7 +65,7 @@ def test_library_configs_built_in_python_are_checked_by_the_same_rules():
         MemoryConfig(n_keys=8, knn=9)
     with pytest.raises(ValueError, match=r"key 'smf.lr': expected a finite number > 0, got inf"):
         SMFConfig(lr=float("inf"))
-    with pytest.raises(ValueError, match=r"smf params: key 'count_on': expected one of \(answer, all\), got 'some'"):
+    with pytest.raises(ValueError, match=r"smf params: key 'count_on': expected one of \(answer, all, subject\), got 'some'"):
         build_params("smf", {"count_on": "some"})
     assert build_params("smf", {"top_t": 3}) == SMFConfig(top_t=3)
 

@@ -81,7 +81,7 @@ def test_held_out_probes_never_occur_in_training_text(tb):
 
 def test_probes_end_right_before_the_answer(tb):
     for f in tb.facts:
-        attr, name, answer = f.extra["attribute"], f.extra["person"], f.answers[0]
+        attr, name, answer = f.extra["attribute"], f.extra["subject"], f.answers[0]
         assert f.probe == f.question and answer == tb.new[int(f.id.split("-")[2])].values[attr]
         assert answer not in f.probe and not f.probe.endswith(" ")
         held_out = [t.format(n=name, a=answer) for t in HELDOUT_TEMPLATES[attr]]
@@ -93,7 +93,7 @@ def test_every_statement_and_paraphrase_contains_its_answer_and_names_the_person
         texts = [f.statement, *f.paraphrases]
         assert len(texts) == 6 and len(set(texts)) == 6  # distinct training templates
         for t in texts:
-            assert f.answers[0] in t and f.extra["person"] in t
+            assert f.answers[0] in t and f.extra["subject"] in t
         assert f.known is False and f.source == "testbed"
 
 
@@ -109,7 +109,7 @@ def test_old_bios_state_every_attribute_of_their_person_and_new_people_appear_no
 
 
 def test_one_fact_per_new_person_and_attribute_and_one_probe_per_old_one(tb):
-    assert [(f.extra["person"], f.extra["attribute"]) for f in tb.facts] == [(p.name, a) for p in tb.new for a in ATTRIBUTES]
+    assert [(f.extra["subject"], f.extra["attribute"]) for f in tb.facts] == [(p.name, a) for p in tb.new for a in ATTRIBUTES]
     assert [(r["person"], r["attribute"]) for r in tb.retention] == [(p.name, a) for p in tb.old for a in ATTRIBUTES]
 
 
@@ -168,7 +168,7 @@ def test_the_data_stage_writes_the_new_population_as_the_fact_stream(testbed_dat
         assert len(f["paraphrases"]) == 4 and all(f["answers"][0] in t for t in [f["statement"], *f["paraphrases"]])
     retention = _rows(testbed_data / "retention.jsonl")
     assert len(retention) == 12 * 3 and all({"probe", "answers"} <= set(r) for r in retention)
-    assert not {r["person"] for r in retention} & {f["extra"]["person"] for f in facts}
+    assert not {r["person"] for r in retention} & {f["extra"]["subject"] for f in facts}
 
 
 def test_old_bios_join_the_training_and_statistics_text_but_never_the_held_out_text(testbed_data):
@@ -178,7 +178,7 @@ def test_old_bios_join_the_training_and_statistics_text_but_never_the_held_out_t
     assert len(bg["train"]) == 60 - 20 + 36 and len(bg["stats"]) == 10 + 12 and len(bg["heldout"]) == 10
     assert not any(r.get("testbed") for r in bg["heldout"])
     old = {r["person"] for r in _rows(testbed_data / "retention.jsonl")}
-    new = {f["extra"]["person"] for f in _rows(testbed_data / "facts.jsonl")}
+    new = {f["extra"]["subject"] for f in _rows(testbed_data / "facts.jsonl")}
     text = "\n".join(r["text"] for rows in bg.values() for r in rows)
     assert all(name in text for name in old) and not any(name in text for name in new)
     probes = [f["probe"] for f in _rows(testbed_data / "facts.jsonl")] + [r["probe"] for r in _rows(testbed_data / "retention.jsonl")]

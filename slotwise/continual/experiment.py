@@ -95,13 +95,16 @@ def stream_order(facts: list[dict], order_seed: int | None) -> list[dict]:
     return out
 
 
-def answer_span_example(text: str, answer: str, tokenizer, max_len: int) -> tuple[list[int], list[int]] | None:
+def answer_span_example(text: str, answer: str, tokenizer, max_len: int,
+                        subject: str | None = None) -> tuple[list[int], list[int]] | tuple[list[int], list[int], list[bool]] | None:
     """(input ids, labels) of text with the loss on the answer's tokens only (its last occurrence).
 
     The text is tokenized once (offsets from a fast tokenizer) and the answer's span includes the
     whitespace before it: after "was born in" the model must produce ` Strat|ford|...`, the tokens a
     probe's greedy continuation produces, not the `St|rat|ford|...` of the answer tokenized alone.
-    A label covers every token that overlaps the span."""
+    A label covers every token that overlaps the span.
+    subject: also return a third list, True at every token that overlaps an occurrence of the
+    subject in the text (SMF's count_on="subject")."""
     at = text.rfind(answer)
     if at < 0 or not answer:
         return None
@@ -111,19 +114,46 @@ def answer_span_example(text: str, answer: str, tokenizer, max_len: int) -> tupl
     while start > 0 and text[start - 1] in " \t":  # the answer's leading space belongs to its first token
         start -= 1
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"][:max_len]
-    labels = [t if s < end and e > start else -100 for t, (s, e) in zip(ids, enc["offset_mapping"])]
-    return (ids, labels) if any(t != -100 for t in labels) else None
+    ids, offsets = enc["input_ids"][:max_len], enc["offset_mapping"][:max_len]
+    labels = [t if s < end and e > start else -100 for t, (s, e) in zip(ids, offsets)]
+    if not any(t != -100 for t in labels):
+        return None
+    if subject is None:
+        return ids, labels
+    spans = [(m, m + len(subject)) for m in _occurrences(text, subject)]
+    return ids, labels, [any(s < b and e > a for a, b in spans) for s, e in offsets]
+
+
+def _occurrences(text: str, sub: str) -> list[int]:
+    out, at = [], text.find(sub)
+    while sub and at >= 0:
+        out.append(at)
+        at = text.find(sub, at + len(sub))
+    return out
+
+
+def fact_subject(fact: dict) -> str | None:
+    """The entity a fact is about (facts.jsonl `extra.subject`, written by the testbed), or None."""
+    subject = (fact.get("extra") or {}).get("subject")
+    return subject.strip() if isinstance(subject, str) and subject.strip() else None
 
 
 def fact_batch(fact: dict, tokenizer, include_statement: bool, max_len: int) -> dict[str, torch.Tensor]:
+    """The fact's statement and paraphrases as one padded batch, loss on the answer tokens; with a
+    subject (fact_subject) also `subject_mask` (B, S) bool: the tokens of the subject's mentions."""
     texts = ([fact["statement"]] if include_statement else []) + list(fact["paraphrases"])
-    answer = fact["answers"][0].strip()
-    examples = [e for t in texts if (e := answer_span_example(t, answer, tokenizer, max_len)) is not None]
+    answer, subject = fact["answers"][0].strip(), fact_subject(fact)
+    examples = [e for t in texts if (e := answer_span_example(t, answer, tokenizer, max_len, subject)) is not None]
     if not examples:
         raise ValueError(f"fact {fact['id']}: the answer {answer!r} appears in none of its paraphrases")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return pad_examples(examples, pad)
+    batch = pad_examples([e[:2] for e in examples], pad)
+    if subject is not None:
+        mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+        for r, e in enumerate(examples):
+            mask[r, : len(e[2])] = torch.tensor(e[2], dtype=torch.bool)
+        batch["subject_mask"] = mask
+    return batch
 
 
 def qa_score(model, tokenizer, items: list[dict], batch_size: int) -> dict:

@@ -45,7 +45,7 @@ def plot_frontier(summary: dict, path: Path, n_known: int | None = None) -> None
     for group, runs in groups.items():
         runs = sorted(runs, key=lambda s: s["learned"] / max(s["n_facts"], 1))
         xs = [s["learned"] / max(s["n_facts"], 1) for s in runs]
-        line = axes[0].plot(xs, [1 - (s["known_drop"] or 0) for s in runs], marker="o", label=f"{group} ({len(runs)} runs)")[0]
+        line = axes[0].plot(xs, [1 - (s["known_drop"] or 0) for s in runs], marker="o", label=f"{group} ({len(runs)} run{'s' if len(runs) != 1 else ''})")[0]
         axes[1].plot(xs, [100 * (s["heldout_ppl_rise"] or 0) for s in runs], marker="o", color=line.get_color())
     known = f" of {n_known} known facts" if n_known is not None else ""
     axes[0].set_ylabel(f"retention: share{known} still answered")

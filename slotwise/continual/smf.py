@@ -5,7 +5,8 @@ One step on a batch (input_ids (B, S), attention_mask (B, S), labels (B, S), -10
     forward with record_lookups            loss, and per memory layer the slot ids (B, S, H, knn)
     count accesses                          c (N,) per value pool, summed over the layers sharing it;
                                             on the positions that carry loss (count_on="answer") or
-                                            on every non-padding token (count_on="all")
+                                            on every non-padding token (count_on="all") or
+                                            on the fact's subject's tokens (count_on="subject")
     score vs the background, select         rows R = top-t accessed slots (selection.py)
     backward                                grad of the pool (dense or sparse COO)
     update rows R only                      sgd:  W[R] -= lr * g[R]                 (kernels.sparse_sgd_)
@@ -41,6 +42,7 @@ from slotwise.schema import Choice, FusedUpdate, check, number, positive
 class CountOn(Choice):
     answer = "answer"  # positions whose output carries loss
     all = "all"  # every non-padding token
+    subject = "subject"  # the tokens of the fact's subject (the batch's subject_mask: facts with extra.subject)
 
 
 class SparseOptimizer(Choice):
@@ -90,6 +92,12 @@ def count_mask(batch: dict, count_on: str) -> torch.Tensor:
     am = batch.get("attention_mask")
     if count_on == "answer":
         return loss_positions(batch["labels"], am)
+    if count_on == "subject":
+        if batch.get("subject_mask") is None:
+            raise ValueError("smf.count_on='subject' needs each fact's subject (facts.jsonl extra.subject, as the "
+                             "testbed writes it); these facts have none: use count_on 'answer' or 'all'")
+        sm = batch["subject_mask"].bool()
+        return sm & am.bool() if am is not None else sm
     return am.bool() if am is not None else torch.ones_like(ids, dtype=torch.bool)
 
 

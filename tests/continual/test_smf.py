@@ -79,6 +79,19 @@ def test_selection_counts_only_loss_positions():
     assert count_mask(b, "all")[0].sum() == 10 and count_mask(b, "all")[1].sum() == 11
 
 
+def test_count_on_subject_counts_the_subject_tokens_only():
+    b = fact_batch()
+    b["subject_mask"] = torch.zeros_like(b["input_ids"], dtype=torch.bool)
+    b["subject_mask"][0, 1:3] = True
+    b["subject_mask"][0, 10] = True  # row 0's last token is padding: not counted
+    b["subject_mask"][1, 2] = True
+    m = count_mask(b, "subject")
+    assert m[0].nonzero().squeeze(1).tolist() == [1, 2]
+    assert m[1].nonzero().squeeze(1).tolist() == [2]
+    with pytest.raises(ValueError, match="count_on='subject' needs each fact's subject"):
+        count_mask(fact_batch(), "subject")
+
+
 def test_missing_background_is_a_clear_error():
     model = retrofitted()
     with pytest.raises(ValueError, match="no background table"):
