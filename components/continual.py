@@ -12,7 +12,7 @@ slotwise.continual.frontier). Writes, atomically, into --out:
     curves.json         acquisition and retention over the stream, per run
     metrics.json        per run: facts learned, known_drop, heldout_ppl_rise (for `dvc metrics show`)
     summary.json        the start point and every final number per run (steps per fact, F1, tasks, ...)
-    frontier.json       each method's retention interpolated at acquisition levels every method reached
+    frontier.json       each method's retention interpolated at every run's acquisition that two or more methods reach
     plots/curves.png, plots/frontier.png
     live/               (--live) the curves in dvclive's layout: <run>/<metric> against facts seen
     deltas/<run>/       an SMF update as a sparse delta: row ids + rows

@@ -84,18 +84,19 @@ def matched(summary: dict, groups: dict[str, str], levels: list[float]) -> dict:
     return out
 
 
-def common_levels(summary: dict, groups: dict[str, str], n: int = 4) -> list[float]:
-    """n acquisition levels every group's frontier reaches (empty if the ranges do not overlap)."""
-    ranges = []
-    for group in dict.fromkeys(groups.values()):
-        acq = [acquisition(summary[r]) for r, g in groups.items() if g == group and r in summary]
-        if acq:
-            ranges.append((min(acq), max(acq)))
-    if not ranges:
-        return []
-    lo, hi = max(r[0] for r in ranges), min(r[1] for r in ranges)
-    if hi < lo:
-        return []
-    if hi == lo:
-        return [round(lo, 4)]
-    return [round(lo + (hi - lo) * k / (n - 1), 4) for k in range(n)]
+def common_levels(summary: dict, groups: dict[str, str]) -> list[float]:
+    """Every acquisition some run reached at which at least two groups can be read (interpolated on their
+    frontiers, never extrapolated), sorted.
+
+    A level need not lie inside EVERY group's range: one single-run group (a LoRA row, a variant) would
+    otherwise empty the table for all the others."""
+    runs_by_group: dict[str, list[dict]] = {}
+    for name, group in groups.items():
+        if name in summary:
+            runs_by_group.setdefault(group, []).append(summary[name])
+    levels = sorted({acquisition(r) for runs in runs_by_group.values() for r in runs})
+
+    def readable(runs: list[dict], lv: float) -> bool:
+        return interpolate([(acquisition(r), 0.0) for r in runs], lv) is not None
+
+    return [lv for lv in levels if sum(readable(runs, lv) for runs in runs_by_group.values()) >= 2]

@@ -46,16 +46,20 @@ def test_matched_compares_groups_at_the_same_acquisition():
         "ft@lr=10": {"learned": 8, "n_facts": 10, "known_drop": 0.8, "heldout_ppl_rise": 0.09},
     }
     groups = {"smf@lr=1": "smf", "smf@lr=10": "smf", "ft@lr=1": "ft", "ft@lr=10": "ft"}
-    levels = common_levels(summary, groups, n=2)
-    assert levels == [0.4, 0.6]  # the overlap of [0.2, 0.6] and [0.4, 0.8]
+    levels = common_levels(summary, groups)
+    assert levels == [0.4, 0.6]  # the runs' acquisitions where both frontiers ([0.2, 0.6], [0.4, 0.8]) can be read
     table = matched(summary, groups, levels)
     assert table["smf"]["acquisition_range"] == [0.2, 0.6]
     assert table["smf"]["at"]["0.4"]["known_drop"] == pytest.approx(0.05)
     assert table["ft"]["at"]["0.4"]["known_drop"] == pytest.approx(0.4)
     assert table["ft"]["at"]["0.6"]["heldout_ppl_rise"] == pytest.approx(0.07)
     assert matched(summary, groups, [0.9])["smf"]["at"]["0.9"]["known_drop"] is None
-    assert common_levels({**summary, "x": {"learned": 9, "n_facts": 10, "known_drop": 0, "heldout_ppl_rise": 0}},
-                         {**groups, "x": "x"}) == []  # a group that never overlaps the others
+    one_run = {"learned": 5, "n_facts": 10, "known_drop": 0.7, "heldout_ppl_rise": 0.1}
+    far_run = {"learned": 9, "n_facts": 10, "known_drop": 0, "heldout_ppl_rise": 0}
+    # a single run inside both frontiers adds its level; one outside every other range adds nothing and,
+    # unlike the ranges' intersection, empties nothing
+    assert common_levels({**summary, "lora": one_run, "x": far_run}, {**groups, "lora": "lora", "x": "x"}) == [0.4, 0.5, 0.6]
+    assert common_levels({"a": one_run, "b": far_run}, {"a": "a", "b": "b"}) == []  # no two groups meet
 
 
 def test_order_seed_streams_the_same_facts_in_another_order_and_none_keeps_the_file_order():
