@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -119,6 +120,9 @@ UNPUBLISHED = "--s3-unpublished"
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run a component's main; user errors become one line on stderr and exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # SIGTERM (a scheduler's cancel, `kill`, DVC's stop) unwinds like Ctrl-C, so staged outputs remove
+    # their staging folders instead of leaving `.<out>.tmp-*` behind; exit status 143 as for a plain kill.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         with s3_paths(sys.argv[1:] if argv is None else list(argv)) as (args, out):
             code = main(args)

@@ -144,3 +144,32 @@ def test_a_failed_write_leaves_the_old_directory_and_no_staging(tmp_path):
             raise RuntimeError("boom")
     assert sorted(p.name for p in final.iterdir()) == ["old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+TERMINATED_STAGE = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from components._cli import run_cli
+from slotwise.atomic import staged_dir
+
+def main(args):
+    with staged_dir(sys.argv[1]) as tmp:
+        (tmp / "weights.bin").write_bytes(b"x" * 1024)
+        print("staged", flush=True)
+        time.sleep(60)
+    return 0
+
+run_cli(main, [])
+"""
+
+
+def test_a_component_stopped_with_sigterm_leaves_no_staging(tmp_path):
+    """run_cli turns SIGTERM into an exit that unwinds: the staging folder is removed, the output never appears."""
+    final = tmp_path / "out"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", TERMINATED_STAGE, str(final), str(root)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "staged"
+    assert len(list(tmp_path.glob(".out.tmp-*"))) == 1
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert list(tmp_path.iterdir()) == []
