@@ -3,9 +3,10 @@
     .venv/bin/python scripts/testbed_tables.py runs/testbed/continual > results/testbed-cpu-2026-11-27/tables.md
     .venv/bin/python scripts/testbed_tables.py runs/testbed/.continual.parts --plot frontier.png  # a run cut off
 
-Reads <dir>/summary.json and <dir>/frontier.json (written by the continual stage); nothing is
-recomputed except the held-out LOSS change, log(ppl after) / log(ppl before) - 1, next to the
-perplexity change the stage reports. While the stage still runs, pass its .<name>.parts folder
+Reads <dir>/summary.json (written by the continual stage); nothing is recomputed except the
+held-out LOSS change, log(ppl after) / log(ppl before) - 1, next to the perplexity change the stage
+reports, and the matched-acquisition table, computed from the runs the stage's way
+(slotwise.continual.frontier) so that a folder written before a change of its levels reads the same. While the stage still runs, pass its .<name>.parts folder
 instead: the finished runs' result.json files are read, and their frontier is computed the stage's
 way (slotwise.continual.frontier; --plot draws it with the stage's plot_frontier).
 """
@@ -39,22 +40,21 @@ def main(argv: list[str]) -> int:
     if (d / "summary.json").is_file():
         s = json.loads((d / "summary.json").read_text())
         start, runs = s["start"], s["runs"]
-        frontier = json.loads((d / "frontier.json").read_text()) if (d / "frontier.json").is_file() else {}
-    else:  # a run still going (or cut off): its finished runs, and their frontier computed the stage's way
-        from slotwise.continual.frontier import common_levels, matched
-
+    else:  # a run still going (or cut off): its finished runs
         start, runs = runs_from_parts(d)
         known0 = next(iter(runs.values()))["start_known"]
         ppl0 = next(iter(runs.values()))["start_ppl"]
         for r in runs.values():
             r["known_drop"] = 1 - r["known_kept"] / known0
             r["heldout_ppl_rise"] = r["heldout_ppl"] / ppl0 - 1
-        groups = {n: r["group"] for n, r in runs.items()}
-        frontier = matched(runs, groups, common_levels(runs, groups))
         if plot is not None:
             from slotwise.continual.plots import plot_frontier
 
             plot_frontier(runs, plot, n_known=known0)
+    from slotwise.continual.frontier import common_levels, matched
+
+    groups = {n: r["group"] for n, r in runs.items()}
+    frontier = matched(runs, groups, common_levels(runs, groups))
     ppl0 = start.get("heldout_ppl") or next(iter(runs.values()))["start_ppl"]
     known0 = start.get("known_found") or next(iter(runs.values()))["start_known"]
     print(f"Start: {known0} old facts known (of {start.get('known_screened', '?')} probed, held-out templates); "
@@ -65,10 +65,10 @@ def main(argv: list[str]) -> int:
         loss = math.log(r["heldout_ppl"]) / math.log(ppl0) - 1
         print(f"| {r['group']} | {name} | {r['learned']}/{r['n_facts']} = {r['learned'] / r['n_facts']:.2f} | "
               f"{r['known_kept']}/{known0} = {r['known_kept'] / known0:.2f} | {pct(loss)} | {pct(r['heldout_ppl'] / ppl0 - 1)} | "
-              f"{r.get('steps_per_fact_mean') or '-'} |")
+              f"{format(r['steps_per_fact_mean'], '.1f') if r.get('steps_per_fact_mean') else '-'} |")
     if frontier:
         levels = sorted({lv for g in frontier.values() for lv in g["at"]}, key=float)
-        print("\nOld facts LOST at matched acquisition (frontier.json: each group's frontier interpolated; "
+        print("\nOld facts LOST at matched acquisition (each group's frontier interpolated at every run's acquisition two or more groups reach, slotwise.continual.frontier; "
               "'-' = that group never reached the level)\n")
         print("| group | acquisition range | " + " | ".join(f"lost @ {float(lv):.2f} learned" for lv in levels) + " |")
         print("|---|---|" + "---|" * len(levels))
