@@ -44,7 +44,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from slotwise.atomic import sha256_file
 from slotwise.chapters import chapter_flops_per_token
-from slotwise.checkpoint import load_checkpoint, model_hash, read_retrofit_config, save_checkpoint
+from slotwise.checkpoint import load_checkpoint, model_hash, read_retrofit_config, recorded_base_model, save_checkpoint
 from slotwise.components._cli import component_parser, run_cli
 from slotwise.components._live import LIVE_DIR, live_logger, train_entry_logger
 from slotwise.config import ConfigError, Params, load_params, to_yaml
@@ -139,8 +139,11 @@ def load_for_training(params: Params, model_dir: str, data_dir: Path | None = No
     return model, tokenizer, cfg
 
 
-def ffn_teachers(params: Params, cfg: RetrofitConfig | None, device) -> dict | None:
-    """The base model's FFNs at the memory layers that replaced them (train.loop.distil_weight > 0)."""
+def ffn_teachers(params: Params, cfg: RetrofitConfig | None, model, model_dir: str, device) -> dict | None:
+    """The base model's FFNs at the memory layers that replaced them (train.loop.distil_weight > 0).
+
+    The base is the one the checkpoint records (its slotwise.json), not this run's retrofit.base_model:
+    a retrofit of a local model healed with the default params must not be taught SmolLM2's FFNs."""
     if not params.train.loop.distil_weight:
         return None
     if params.train.mode != "heal" or cfg is None or cfg.mode != "replace":
@@ -148,11 +151,15 @@ def ffn_teachers(params: Params, cfg: RetrofitConfig | None, device) -> dict | N
                           "retrofit with retrofit.insert.mode=replace")
     from slotwise.models import load_base_model
 
-    base, _ = load_base_model(params.retrofit.base_model)
+    base_id = recorded_base_model(model_dir) or params.retrofit.base_model
+    base, _ = load_base_model(base_id)
+    if base.config.hidden_size != model.config.hidden_size:
+        raise ConfigError(f"train.loop.distil_weight: the base model {base_id} has width {base.config.hidden_size}, "
+                          f"{model_dir} has {model.config.hidden_size}: the FFNs to distil are not this model's")
     layers = decoder_layers(base)
     teachers = {i % len(layers): layers[i].mlp.to(device).eval().requires_grad_(False) for i in cfg.layers}
     log.info("distilling the FFNs of layers %s of %s into their memories (weight %g)", sorted(teachers),
-             params.retrofit.base_model, params.train.loop.distil_weight)
+             base_id, params.train.loop.distil_weight)
     return teachers
 
 
@@ -225,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [data / "background/heldout.jsonl", Path(t.sft_data) if t.mode == "sft" else data / "background/train.jsonl"]
     fingerprint = hashlib.sha256(json.dumps({"train": to_yaml(t), "model": model_hash(args.model) if t.mode != "pretrain" else None,
                                              "data": [sha256_file(f) for f in inputs]}, sort_keys=True).encode()).hexdigest()
-    teachers = ffn_teachers(params, cfg, device)
+    teachers = ffn_teachers(params, cfg, model, args.model, device)
     with tempfile.TemporaryDirectory(prefix="slotwise-train-live-") as live_tmp:
         live_dir = Path(live_tmp) / LIVE_DIR if args.live and (d is None or d.is_main) else None
         with live_logger(live_dir) as live:

@@ -122,6 +122,12 @@ def read_retrofit_config(ckpt_dir: str | Path) -> RetrofitConfig | None:
     return _retrofit_config(meta["retrofit"], path)
 
 
+def recorded_base_model(ckpt_dir: str | Path) -> str | None:
+    """The base model a retrofit checkpoint was made from (slotwise.json's base_model), None if unrecorded."""
+    path = Path(ckpt_dir) / RETROFIT_FILE
+    return _read_json(path, "slotwise retrofit file").get("base_model") if path.is_file() else None
+
+
 def _retrofit_config(d, path: Path) -> RetrofitConfig:
     try:
         return retrofit_config_from_dict(d)

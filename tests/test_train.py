@@ -251,6 +251,37 @@ def test_heal_distils_the_replaced_ffn_into_the_memory(tmp_path, data_dir, smol_
     assert summary["memory"]["heldout_ppl_memory_off"] is None  # a replaced FFN has no "memory off"
 
 
+def test_distillation_teaches_the_ffns_of_the_base_the_checkpoint_records(tmp_path, data_dir, smol_tokenizer):
+    """The teacher is the base model the retrofit recorded (slotwise.json), not this run's retrofit.base_model;
+    a recorded base of another width is refused in one line."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from slotwise.config import ConfigError
+    from slotwise.memory import MemoryConfig
+    from slotwise.retrofit import RetrofitConfig
+
+    base = small_llama(len(smol_tokenizer))
+    base.save_pretrained(tmp_path / "base")
+    smol_tokenizer.save_pretrained(tmp_path / "base")
+    wide = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                        num_key_value_heads=2, vocab_size=len(smol_tokenizer)))
+    wide.save_pretrained(tmp_path / "wide")
+    smol_tokenizer.save_pretrained(tmp_path / "wide")
+    cfg = RetrofitConfig(layers=[1], mode="replace", memory=MemoryConfig(n_keys=8, heads=2, knn=4, k_dim=16))
+    save_checkpoint(retrofit(small_llama(len(smol_tokenizer)), cfg), smol_tokenizer, tmp_path / "retrofit", cfg,
+                    extra={"base_model": str(tmp_path / "base")})
+    params = _params(tmp_path, 2, f"retrofit: {{base_model: {tmp_path / 'wide'}}}\n")  # not the recorded base
+    params.write_text(params.read_text().replace("early_stop_patience: null,", "early_stop_patience: null, distil_weight: 1.0,"))
+    assert train_component.main(_args(params, tmp_path / "retrofit", data_dir, tmp_path / "out", "--state", str(tmp_path / "st"))) == 0
+    distil = [h["distil"] for h in json.loads((tmp_path / "out" / "history.json").read_text()) if "distil" in h]
+    assert len(distil) == 2 and distil[0] == pytest.approx(1.0, abs=1e-6)  # W2 = 0 against the recorded base's FFN
+    save_checkpoint(retrofit(small_llama(len(smol_tokenizer)), cfg), smol_tokenizer, tmp_path / "retrofit_wide", cfg,
+                    extra={"base_model": str(tmp_path / "wide")})
+    with pytest.raises(ConfigError, match="width 48"):
+        train_component.main(_args(params, tmp_path / "retrofit_wide", data_dir, tmp_path / "out2", "--state", str(tmp_path / "st2")))
+    assert not (tmp_path / "out2").exists()
+
+
 def test_distillation_needs_a_replace_retrofit(tmp_path, retrofit_dir, data_dir):
     from slotwise.config import ConfigError
 
