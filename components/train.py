@@ -142,8 +142,9 @@ def load_for_training(params: Params, model_dir: str, data_dir: Path | None = No
 def ffn_teachers(params: Params, cfg: RetrofitConfig | None, model, model_dir: str, device) -> dict | None:
     """The base model's FFNs at the memory layers that replaced them (train.loop.distil_weight > 0).
 
-    The base is the one the checkpoint records (its slotwise.json), not this run's retrofit.base_model:
-    a retrofit of a local model healed with the default params must not be taught SmolLM2's FFNs."""
+    The base is the one the checkpoint records (its slotwise.json) where that resolves here, else this
+    run's retrofit.base_model: a retrofit of a local model healed with the default params must not be
+    taught SmolLM2's FFNs. A base of another width is refused."""
     if not params.train.loop.distil_weight:
         return None
     if params.train.mode != "heal" or cfg is None or cfg.mode != "replace":
@@ -151,7 +152,9 @@ def ffn_teachers(params: Params, cfg: RetrofitConfig | None, model, model_dir: s
                           "retrofit with retrofit.insert.mode=replace")
     from slotwise.models import load_base_model
 
-    base_id = recorded_base_model(model_dir) or params.retrofit.base_model
+    recorded = recorded_base_model(model_dir)  # a local path is recorded as given: it may be relative to another folder
+    usable = recorded is not None and (recorded.startswith("embedded:") or Path(recorded).exists())
+    base_id = recorded if usable else params.retrofit.base_model
     base, _ = load_base_model(base_id)
     if base.config.hidden_size != model.config.hidden_size:
         raise ConfigError(f"train.loop.distil_weight: the base model {base_id} has width {base.config.hidden_size}, "

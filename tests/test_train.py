@@ -280,6 +280,11 @@ def test_distillation_teaches_the_ffns_of_the_base_the_checkpoint_records(tmp_pa
     with pytest.raises(ConfigError, match="width 48"):
         train_component.main(_args(params, tmp_path / "retrofit_wide", data_dir, tmp_path / "out2", "--state", str(tmp_path / "st2")))
     assert not (tmp_path / "out2").exists()
+    # A recorded local path that does not resolve here (relative to another folder): this run's base is used.
+    save_checkpoint(retrofit(small_llama(len(smol_tokenizer)), cfg), smol_tokenizer, tmp_path / "retrofit_moved", cfg,
+                    extra={"base_model": "elsewhere/base"})
+    params.write_text(params.read_text().replace(str(tmp_path / "wide"), str(tmp_path / "base")))
+    assert train_component.main(_args(params, tmp_path / "retrofit_moved", data_dir, tmp_path / "out3", "--state", str(tmp_path / "st3"))) == 0
 
 
 def test_distillation_needs_a_replace_retrofit(tmp_path, retrofit_dir, data_dir):
