@@ -69,8 +69,17 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     return pts[0][1]  # a single point, exactly at x
 
 
+def efficient(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (acquisition, drop) points no other point beats: none learns as much or more for a lower drop.
+
+    An lr past a method's best (learns less AND forgets more) is not on its frontier."""
+    pts = [p for p in points if p[1] is not None]
+    return [p for p in pts if not any(q[0] >= p[0] and q[1] < p[1] for q in pts)]
+
+
 def matched(summary: dict, groups: dict[str, str], levels: list[float]) -> dict:
-    """Per group and acquisition level: each retention drop interpolated on the group's frontier.
+    """Per group and acquisition level: each retention drop interpolated on the group's frontier (its
+    efficient runs for that drop, see `efficient`).
 
     summary: the stage's per-run summary ({name: {learned, n_facts, known_drop, heldout_ppl_rise}});
     groups: run name -> group. A level outside a group's reached range is None (not extrapolated).
@@ -79,7 +88,7 @@ def matched(summary: dict, groups: dict[str, str], levels: list[float]) -> dict:
     for group in dict.fromkeys(groups.values()):
         runs = [summary[n] for n, g in groups.items() if g == group and n in summary]
         out[group] = {"acquisition_range": [min(map(acquisition, runs)), max(map(acquisition, runs))] if runs else None,
-                      "at": {f"{lv:g}": {k: interpolate([(acquisition(r), r.get(k)) for r in runs], lv) for k in RETENTION_KEYS}
+                      "at": {f"{lv:g}": {k: interpolate(efficient([(acquisition(r), r.get(k)) for r in runs]), lv) for k in RETENTION_KEYS}
                              for lv in levels}}
     return out
 

@@ -2,7 +2,7 @@
 import pytest
 
 from slotwise.continual.experiment import MethodRun
-from slotwise.continual.frontier import common_levels, expand_sweeps, interpolate, matched
+from slotwise.continual.frontier import common_levels, efficient, expand_sweeps, interpolate, matched
 
 
 def test_a_sweep_expands_into_one_named_run_per_value_grouped_under_the_method():
@@ -60,6 +60,21 @@ def test_matched_compares_groups_at_the_same_acquisition():
     # unlike the ranges' intersection, empties nothing
     assert common_levels({**summary, "lora": one_run, "x": far_run}, {**groups, "lora": "lora", "x": "x"}) == [0.4, 0.5, 0.6]
     assert common_levels({"a": one_run, "b": far_run}, {"a": "a", "b": "b"}) == []  # no two groups meet
+
+
+def test_a_run_past_the_best_lr_is_not_on_the_frontier():
+    """An lr that learns less and forgets more than another run of its group is left out of the interpolation."""
+    summary = {  # lr 300 overshoots: fewer facts than lr 30 and twice the drop
+        "smf@lr=10": {"learned": 14, "n_facts": 100, "known_drop": 0.10, "heldout_ppl_rise": 0.4},
+        "smf@lr=30": {"learned": 25, "n_facts": 100, "known_drop": 0.17, "heldout_ppl_rise": 0.6},
+        "smf@lr=100": {"learned": 25, "n_facts": 100, "known_drop": 0.35, "heldout_ppl_rise": 0.9},
+        "smf@lr=300": {"learned": 22, "n_facts": 100, "known_drop": 0.67, "heldout_ppl_rise": 1.5},
+    }
+    groups = dict.fromkeys(summary, "smf")
+    at = matched(summary, groups, [0.2, 0.25])["smf"]["at"]
+    assert at["0.2"]["known_drop"] == pytest.approx(0.10 + 0.07 * 6 / 11)  # on the lr 10 -> lr 30 segment
+    assert at["0.25"]["known_drop"] == pytest.approx(0.17)  # lr 100 learns as much for more: not averaged in
+    assert efficient([(0.14, 0.1), (0.25, 0.17), (0.25, 0.35), (0.22, 0.67)]) == [(0.14, 0.1), (0.25, 0.17)]
 
 
 def test_order_seed_streams_the_same_facts_in_another_order_and_none_keeps_the_file_order():
