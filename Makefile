@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow test-s3 test-gpu bench-gpu test-all repro testbed image clean
+.PHONY: setup test test-slow test-s3 test-gpu bench-gpu test-all repro testbed testbed-retrofit image clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -43,6 +43,12 @@ repro: setup
 testbed: setup
 	$(VENV)/bin/dvc repro pipelines/testbed/dvc.yaml
 	@$(PY) -m slotwise.components.report --runs runs/testbed
+
+# The testbed's retrofit gap (pipelines/testbed_retrofit/dvc.yaml): dense twin -> memory in place of its last
+# FFN -> distilled heal -> SMF, beside full finetuning of the dense twin; outputs under runs/testbed_retrofit/.
+testbed-retrofit: setup
+	$(VENV)/bin/dvc repro pipelines/testbed_retrofit/dvc.yaml
+	@for d in continual continual_dense; do $(PY) scripts/testbed_tables.py runs/testbed_retrofit/$$d; done
 
 # The container image without a Docker daemon (root, buildah, debootstrap), with a stage run inside it.
 image:
