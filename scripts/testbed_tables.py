@@ -66,8 +66,8 @@ def main(argv: list[str]) -> int:
         print(f"| {r['group']} | {name} | {r['learned']}/{r['n_facts']} = {r['learned'] / r['n_facts']:.2f} | "
               f"{r['known_kept']}/{known0} = {r['known_kept'] / known0:.2f} | {pct(loss)} | {pct(r['heldout_ppl'] / ppl0 - 1)} | "
               f"{format(r['steps_per_fact_mean'], '.1f') if r.get('steps_per_fact_mean') else '-'} |")
-    if frontier:
-        levels = sorted({lv for g in frontier.values() for lv in g["at"]}, key=float)
+    levels = sorted({lv for g in frontier.values() for lv in g["at"]}, key=float)
+    if levels:  # none when fewer than two groups meet (one method, or ranges apart)
         print("\nOld facts LOST at matched acquisition (each group's frontier interpolated at every run's acquisition two or more groups reach, slotwise.continual.frontier; "
               "'-' = that group never reached the level)\n")
         print("| group | acquisition range | " + " | ".join(f"lost @ {float(lv):.2f} learned" for lv in levels) + " |")
