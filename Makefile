@@ -48,7 +48,9 @@ testbed: setup
 # FFN -> distilled heal -> SMF, beside full finetuning of the dense twin; outputs under runs/testbed_retrofit/.
 testbed-retrofit: setup
 	$(VENV)/bin/dvc repro pipelines/testbed_retrofit/dvc.yaml
-	@for d in continual continual_dense; do $(PY) scripts/testbed_tables.py runs/testbed_retrofit/$$d; done
+	@for d in continual continual_dense; do $(PY) scripts/testbed_tables.py runs/testbed_retrofit/$$d; echo; done
+	@$(PY) scripts/frontier_compare.py runs/testbed_retrofit/frontier.png \
+		"retrofit, distilled heal:runs/testbed_retrofit/continual/summary.json" "dense twin:runs/testbed_retrofit/continual_dense/summary.json"
 
 # The container image without a Docker daemon (root, buildah, debootstrap), with a stage run inside it.
 image:
