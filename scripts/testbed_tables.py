@@ -6,8 +6,8 @@
 Reads <dir>/summary.json (written by the continual stage); nothing is recomputed except the
 held-out LOSS change, log(ppl after) / log(ppl before) - 1, next to the perplexity change the stage
 reports, and the matched-acquisition table, computed from the runs the stage's way
-(slotwise.continual.frontier) so that a folder written before a change of its levels reads the same. While the stage still runs, pass its .<name>.parts folder
-instead: the finished runs' result.json files are read, and their frontier is computed the stage's
+(slotwise.continual.frontier) so that a folder written before a change of its levels reads the same.
+While the stage still runs, pass its .<name>.parts folder instead: the finished runs' result.json files are read, and their frontier is computed the stage's
 way (slotwise.continual.frontier; --plot draws it with the stage's plot_frontier).
 """
 from __future__ import annotations
@@ -68,8 +68,8 @@ def main(argv: list[str]) -> int:
               f"{format(r['steps_per_fact_mean'], '.1f') if r.get('steps_per_fact_mean') else '-'} |")
     levels = sorted({lv for g in frontier.values() for lv in g["at"]}, key=float)
     if levels:  # none when fewer than two groups meet (one method, or ranges apart)
-        print("\nOld facts LOST at matched acquisition (each group's frontier interpolated at every run's acquisition two or more groups reach, slotwise.continual.frontier; "
-              "'-' = that group never reached the level)\n")
+        print("\nOld facts LOST at matched acquisition (each group's frontier interpolated at every run's acquisition "
+              "two or more groups reach, slotwise.continual.frontier; '-' = that group never reached the level)\n")
         print("| group | acquisition range | " + " | ".join(f"lost @ {float(lv):.2f} learned" for lv in levels) + " |")
         print("|---|---|" + "---|" * len(levels))
         for g, f in frontier.items():
