@@ -3,7 +3,7 @@
     .venv/bin/python scripts/check_lock.py
 
 `dvc status dvc.yaml` compares every stage of the default pipeline (what `make repro` runs) with the
-working tree; other pipelines (pipelines/testbed/dvc.yaml) are experiments whose locks are not committed. Pipeline outputs
+working tree; other pipelines (pipelines/testbed/dvc.yaml) are experiments whose locks record their last run and are not checked. Pipeline outputs
 (runs/...) are absent in a fresh clone and are ignored here; a changed code file or params section
 means dvc.lock was not regenerated with the change that made it stale: exit 1, naming them.
 """
