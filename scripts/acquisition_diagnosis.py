@@ -1,0 +1,180 @@
+"""Where does acquisition leak? Each streamed fact probed right after its own update and at the end
+of the stream, on its held-out template AND on the training templates it was taught.
+
+    .venv/bin/python scripts/acquisition_diagnosis.py --model runs/testbed/train --data runs/testbed/data \\
+        --stats runs/testbed/slot_stats --facts 120 --steps 5 --json diag.json \\
+        --runs '[{"name": "smf_lr10", "method": "smf", "params": {"score": "tfidf", "top_t": 500, "optimizer": "sgd", "lr": 10.0}}]'
+
+The continual stage reports one number per run: the fraction of the streamed facts answered on
+their held-out template at the end. That number mixes three losses:
+    not fitted      right after its update, fewer than half of the fact's own training templates
+                    (its statement and paraphrases, cut before the answer) are answered
+    not transferred fitted, but its held-out template is not answered (phrasing)
+    overwritten     answered on the held-out template right after its update, no longer at the end
+                    (the later facts' updates)
+This script separates them for one or more update methods on the same facts, in the stage's order
+(the first N facts of facts.jsonl that are not marked known), with the stage's batch (fact_batch,
+statement included, 48 tokens as in profiles/testbed.yaml) and budget (steps per fact), and prints
+one table; a first row probes the starting model (base rates). Also:
+    now_other / end_other  the held-out answer given is wrong and is another streamed fact's value
+                           (values are drawn from shared lists: read against the start row)
+    old_kept               old facts (retention.jsonl probes the start model answers) kept at the end
+    rows                   value rows one fact's update touched (SMF)
+A run with "lock": true (SMF, with params.max_df_fraction < 1) never selects a row an earlier fact of
+the stream wrote (its document frequency is set to |B|): a test of whether overwriting can be
+avoided by giving each fact rows of its own.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from slotwise.checkpoint import load_checkpoint
+from slotwise.continual.experiment import fact_batch, screen_answered
+from slotwise.continual.selection import load_backgrounds
+from slotwise.continual.updaters import make_updater
+from slotwise.generation import greedy_answers
+from slotwise.qa_metrics import exact_match
+from slotwise.sources import read_jsonl
+
+
+def train_probes(fact: dict) -> list[str]:
+    """The fact's training texts that end with its answer, cut right before it (the prompts it was taught)."""
+    answer = fact["answers"][0].strip()
+    out = []
+    for text in [fact["statement"], *fact["paraphrases"]]:
+        body = text.rstrip().rstrip(".")
+        if body.endswith(answer):
+            out.append(body[: -len(answer)].rstrip())
+    return out
+
+
+def greedy(model, tokenizer, prompts: list[str]) -> list[str]:
+    model.eval()
+    with torch.no_grad():
+        return greedy_answers(model, tokenizer, prompts, batch_size=16)
+
+
+def answered(model, tokenizer, prompts: list[str], answers: list[list[str]]) -> list[bool]:
+    """Greedy answer to each prompt is exactly one of its answers."""
+    return [bool(exact_match(p, a)) for p, a in zip(greedy(model, tokenizer, prompts), answers)]
+
+
+def probe_fact(model, tokenizer, fact: dict) -> tuple[bool, float, str]:
+    """(held-out template answered, fraction of its training templates answered, the held-out answer given)."""
+    prompts = [fact["probe"], *train_probes(fact)]
+    preds = greedy(model, tokenizer, prompts)
+    ok = [bool(exact_match(p, fact["answers"])) for p in preds]
+    return ok[0], sum(ok[1:]) / max(len(ok) - 1, 1), preds[0]
+
+
+def others_value(pred: str, fact: dict, facts: list[dict]) -> bool:
+    """The wrong answer given is the value of another streamed fact (another person's, same attribute or not)."""
+    return not exact_match(pred, fact["answers"]) and any(
+        f is not fact and exact_match(pred, f["answers"]) for f in facts)
+
+
+def diagnose(run: dict, args, facts: list[dict], known: list[dict], backgrounds) -> dict:
+    model, tokenizer = load_checkpoint(args.model)
+    torch.manual_seed(0)
+    # a run may lock rows (below): it writes its own copy of the background table
+    backgrounds = copy.deepcopy(backgrounds) if run.get("lock") else backgrounds
+    updater = make_updater(run["method"], model, dict(run.get("params", {})), backgrounds=backgrounds)
+    steps = int(run.get("steps", args.steps))
+    rows = []
+    for fact in tqdm(facts, desc=run["name"]):
+        batch = fact_batch(fact, tokenizer, include_statement=True, max_len=48)
+        updater.model.train()
+        touched: set = set()
+        for _ in range(steps):
+            last = updater.step(batch)
+            touched.update((pool, i) for pool, ids in last.get("selected", {}).items() for i in ids.tolist())
+        if run.get("lock"):  # rows an earlier fact wrote count as read by every background document
+            for pool in updater.pools:
+                ids = [i for layer, i in touched if layer in pool.layers]  # "selected" is keyed by layer
+                updater.backgrounds[pool.layers[0]].df[ids] = updater.backgrounds[pool.layers[0]].n_batches
+        heldout, train, pred = probe_fact(updater.model, tokenizer, fact)
+        rows.append({"id": fact["id"], "loss": float(last["loss"]), "rows": len(touched), "now_heldout": heldout,
+                     "now_train": train, "now_pred": pred, "now_other": others_value(pred, fact, facts)})
+    for row, fact in zip(rows, facts):
+        row["end_heldout"], row["end_train"], row["end_pred"] = probe_fact(updater.model, tokenizer, fact)
+        row["end_other"] = others_value(row["end_pred"], fact, facts)
+    kept = answered(updater.model, tokenizer, [k["probe"] for k in known], [k["answers"] for k in known])
+    n = len(rows)
+    mean = lambda key: sum(float(r[key]) for r in rows) / n  # noqa: E731
+    fitted = [r for r in rows if r["now_train"] >= 0.5]
+    summary = {
+        "name": run["name"], "n": n, "steps": steps,
+        "now_train": mean("now_train"), "now_heldout": mean("now_heldout"),
+        "end_train": mean("end_train"), "end_heldout": mean("end_heldout"),
+        # the three leaks, as fractions of all streamed facts
+        "not_fitted": sum(r["now_train"] < 0.5 for r in rows) / n,
+        "not_transferred": sum(not r["now_heldout"] for r in fitted) / n,
+        "overwritten": sum(r["now_heldout"] and not r["end_heldout"] for r in rows) / n,
+        "late_gain": sum(r["end_heldout"] and not r["now_heldout"] for r in rows) / n,
+        # a wrong held-out answer that is another new person's value: interference inside the stream
+        "now_other": mean("now_other"), "end_other": mean("end_other"),
+        "old_kept": sum(kept) / max(len(kept), 1),
+        "rows": mean("rows"),  # value rows a fact's update touched (SMF; 0 for dense methods)
+    }
+    return {"summary": summary, "facts": rows, "run": run}
+
+
+def start_row(model, tokenizer, facts: list[dict]) -> dict:
+    """The starting model's row: every fact probed once, counted as both 'now' and 'end'."""
+    rows = []
+    for fact in facts:
+        heldout, train, pred = probe_fact(model, tokenizer, fact)
+        other = others_value(pred, fact, facts)
+        rows.append({"id": fact["id"], "now_heldout": heldout, "end_heldout": heldout, "now_train": train, "end_train": train,
+                     "now_pred": pred, "end_pred": pred, "now_other": other, "end_other": other})
+    n = len(rows)
+    mean = lambda key: sum(float(r[key]) for r in rows) / n  # noqa: E731
+    summary = {"name": "start (no update)", "n": n, "steps": 0, **{k: mean(k) for k in (
+        "now_train", "now_heldout", "end_train", "end_heldout", "now_other", "end_other")},
+        "not_fitted": None, "not_transferred": None, "overwritten": None, "late_gain": None, "old_kept": 1.0, "rows": 0}
+    return {"summary": summary, "facts": rows, "run": None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python scripts/acquisition_diagnosis.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--stats", required=True)
+    ap.add_argument("--runs", required=True, help="JSON list of {name, method, params[, steps][, lock]}; lock (SMF with "
+                    "params.max_df_fraction < 1): a row one fact wrote is never selected again in the stream")
+    ap.add_argument("--facts", type=int, default=120, help="first N facts not marked known (the stage's stream)")
+    ap.add_argument("--steps", type=int, default=5, help="optimizer steps per fact (a run's `steps` overrides)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    runs = json.loads(args.runs)
+    data = Path(args.data)
+    facts = [r for _, r in read_jsonl(data / "facts.jsonl") if not r.get("known")][: args.facts]
+    start, tokenizer = load_checkpoint(args.model)
+    old = [{"probe": r["probe"], "answers": r["answers"]} for _, r in read_jsonl(data / "retention.jsonl")]
+    known = screen_answered(start, tokenizer, old, 16)
+    results = [start_row(start, tokenizer, facts)]  # what the model answers before any update: the base rates
+    del start
+    backgrounds = load_backgrounds(args.stats, args.model) if any(r["method"] == "smf" for r in runs) else None
+    results += [diagnose(run, args, facts, known, backgrounds) for run in runs]
+    cols = ["now_train", "now_heldout", "end_train", "end_heldout", "not_fitted", "not_transferred", "overwritten",
+            "late_gain", "now_other", "end_other", "old_kept", "rows"]
+    print(f"\n{len(facts)} facts, {len(known)} old facts known at the start\n")
+    print("| run | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for r in results:
+        s = r["summary"]
+        print(f"| {s['name']} (x{s['steps']}) | " + " | ".join("-" if s[c] is None else f"{s[c]:.0f}" if c == "rows" else f"{s[c]:.2f}" for c in cols) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "facts": len(facts), "known": len(known),
+                                               "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
