@@ -39,7 +39,7 @@ from slotwise.continual.experiment import fact_batch, screen_answered
 from slotwise.continual.selection import load_backgrounds
 from slotwise.continual.updaters import make_updater
 from slotwise.generation import greedy_answers
-from slotwise.qa_metrics import exact_match
+from slotwise.qa_metrics import exact_match, normalize_answer
 from slotwise.sources import read_jsonl
 
 
@@ -105,24 +105,7 @@ def diagnose(run: dict, args, facts: list[dict], known: list[dict], backgrounds)
         row["end_heldout"], row["end_train"], row["end_pred"] = probe_fact(updater.model, tokenizer, fact)
         row["end_other"] = others_value(row["end_pred"], fact, facts)
     kept = answered(updater.model, tokenizer, [k["probe"] for k in known], [k["answers"] for k in known])
-    n = len(rows)
-    mean = lambda key: sum(float(r[key]) for r in rows) / n  # noqa: E731
-    fitted = [r for r in rows if r["now_train"] >= 0.5]
-    summary = {
-        "name": run["name"], "n": n, "steps": steps,
-        "now_train": mean("now_train"), "now_heldout": mean("now_heldout"),
-        "end_train": mean("end_train"), "end_heldout": mean("end_heldout"),
-        # the three leaks, as fractions of all streamed facts
-        "not_fitted": sum(r["now_train"] < 0.5 for r in rows) / n,
-        "not_transferred": sum(not r["now_heldout"] for r in fitted) / n,
-        "overwritten": sum(r["now_heldout"] and not r["end_heldout"] for r in rows) / n,
-        "late_gain": sum(r["end_heldout"] and not r["now_heldout"] for r in rows) / n,
-        # a wrong held-out answer that is another new person's value: interference inside the stream
-        "now_other": mean("now_other"), "end_other": mean("end_other"),
-        "old_kept": sum(kept) / max(len(kept), 1),
-        "rows": mean("rows"),  # value rows a fact's update touched (SMF; 0 for dense methods)
-    }
-    return {"summary": summary, "facts": rows, "run": run}
+    return {"name": run["name"], "steps": steps, "old_kept": sum(kept) / max(len(kept), 1), "facts": rows, "run": run}
 
 
 def start_row(model, tokenizer, facts: list[dict]) -> dict:
@@ -132,28 +115,84 @@ def start_row(model, tokenizer, facts: list[dict]) -> dict:
         heldout, train, pred = probe_fact(model, tokenizer, fact)
         other = others_value(pred, fact, facts)
         rows.append({"id": fact["id"], "now_heldout": heldout, "end_heldout": heldout, "now_train": train, "end_train": train,
-                     "now_pred": pred, "end_pred": pred, "now_other": other, "end_other": other})
-    n = len(rows)
-    mean = lambda key: sum(float(r[key]) for r in rows) / n  # noqa: E731
-    summary = {"name": "start (no update)", "n": n, "steps": 0, **{k: mean(k) for k in (
-        "now_train", "now_heldout", "end_train", "end_heldout", "now_other", "end_other")},
-        "not_fitted": None, "not_transferred": None, "overwritten": None, "late_gain": None, "old_kept": 1.0, "rows": 0}
-    return {"summary": summary, "facts": rows, "run": None}
+                     "now_pred": pred, "end_pred": pred, "now_other": other, "end_other": other, "rows": 0})
+    return {"name": "start (no update)", "steps": 0, "old_kept": 1.0, "facts": rows, "run": None}
+
+
+def summarize(result: dict, seen: list[bool] | None) -> dict:
+    """One table row from a run's per-fact rows. seen: per fact, whether its value is one an old person
+    has (so the model produced it in pretraining); None when the data has no old population."""
+    rows, n = result["facts"], len(result["facts"])
+    mean = lambda key, among=rows: sum(float(r[key]) for r in among) / len(among) if among else None  # noqa: E731
+    fitted = [r for r in rows if r["now_train"] >= 0.5]
+    start = result["run"] is None
+    out = {"now_train": mean("now_train"), "now_heldout": mean("now_heldout"),
+           "end_train": mean("end_train"), "end_heldout": mean("end_heldout"),
+           # the three leaks, as fractions of all streamed facts
+           "not_fitted": None if start else sum(r["now_train"] < 0.5 for r in rows) / n,
+           "not_transferred": None if start else sum(not r["now_heldout"] for r in fitted) / n,
+           "overwritten": None if start else sum(r["now_heldout"] and not r["end_heldout"] for r in rows) / n,
+           "late_gain": None if start else sum(r["end_heldout"] and not r["now_heldout"] for r in rows) / n,
+           # a wrong held-out answer that is another new person's value: interference inside the stream
+           "now_other": mean("now_other"), "end_other": mean("end_other"),
+           "old_kept": result["old_kept"],
+           "rows": mean("rows")}  # value rows a fact's update touched (SMF; 0 for dense methods)
+    if seen is not None:  # learned (held-out, end) among facts whose value the old population has / has not
+        out["end_heldout_seen"] = mean("end_heldout", [r for r, s in zip(rows, seen) if s])
+        out["end_heldout_unseen"] = mean("end_heldout", [r for r, s in zip(rows, seen) if not s])
+    return out
+
+
+COLUMNS = ["now_train", "now_heldout", "end_train", "end_heldout", "not_fitted", "not_transferred", "overwritten",
+           "late_gain", "now_other", "end_other", "end_heldout_seen", "end_heldout_unseen", "old_kept", "rows"]
+
+
+def print_table(results: list[dict], seen: list[bool] | None, n_known: int) -> None:
+    cols = [c for c in COLUMNS if seen is not None or "seen" not in c]
+    n = len(results[0]["facts"])
+    print(f"\n{n} facts, {n_known} old facts known at the start"
+          + (f"; {sum(seen)} facts' values are an old person's value (seen), {n - sum(seen)} are not" if seen else "") + "\n")
+    print("| run | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for r in results:
+        s = summarize(r, seen)
+        label = r["name"] + (f" (x{r['steps']})" if r["steps"] else "")
+        print(f"| {label} | " + " | ".join("-" if s[c] is None else f"{s[c]:.0f}" if c == "rows" else f"{s[c]:.2f}"
+                                           for c in cols) + " |")
+
+
+def seen_values(facts: list[dict], data: Path) -> list[bool] | None:
+    """Per fact: its value is the answer of some old-population fact (retention.jsonl), or None."""
+    path = data / "retention.jsonl"
+    if not path.is_file():
+        return None
+    old = {normalize_answer(a) for _, r in read_jsonl(path) for a in r["answers"]}
+    return [any(normalize_answer(a) in old for a in f["answers"]) for f in facts]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python scripts/acquisition_diagnosis.py", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model")
     ap.add_argument("--data", required=True)
-    ap.add_argument("--stats", required=True)
-    ap.add_argument("--runs", required=True, help="JSON list of {name, method, params[, steps][, lock]}; lock (SMF with "
+    ap.add_argument("--stats")
+    ap.add_argument("--runs", help="JSON list of {name, method, params[, steps][, lock]}; lock (SMF with "
                     "params.max_df_fraction < 1): a row one fact wrote is never selected again in the stream")
     ap.add_argument("--facts", type=int, default=120, help="first N facts not marked known (the stage's stream)")
     ap.add_argument("--steps", type=int, default=5, help="optimizer steps per fact (a run's `steps` overrides)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--from-json", default=None, help="print the table of an earlier --json (no model runs; needs --data)")
     args = ap.parse_args(argv)
-    runs = json.loads(args.runs)
     data = Path(args.data)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        ids = [r["id"] for r in saved["results"][0]["facts"]]
+        by_id = {r["id"]: r for _, r in read_jsonl(data / "facts.jsonl")}
+        print_table(saved["results"], seen_values([by_id[i] for i in ids], data), saved["known"])
+        return 0
+    for flag in ("model", "stats", "runs"):
+        if getattr(args, flag) is None:
+            ap.error(f"--{flag} is required (unless --from-json)")
+    runs = json.loads(args.runs)
     facts = [r for _, r in read_jsonl(data / "facts.jsonl") if not r.get("known")][: args.facts]
     start, tokenizer = load_checkpoint(args.model)
     old = [{"probe": r["probe"], "answers": r["answers"]} for _, r in read_jsonl(data / "retention.jsonl")]
@@ -162,14 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     del start
     backgrounds = load_backgrounds(args.stats, args.model) if any(r["method"] == "smf" for r in runs) else None
     results += [diagnose(run, args, facts, known, backgrounds) for run in runs]
-    cols = ["now_train", "now_heldout", "end_train", "end_heldout", "not_fitted", "not_transferred", "overwritten",
-            "late_gain", "now_other", "end_other", "old_kept", "rows"]
-    print(f"\n{len(facts)} facts, {len(known)} old facts known at the start\n")
-    print("| run | " + " | ".join(cols) + " |")
-    print("|---|" + "---|" * len(cols))
-    for r in results:
-        s = r["summary"]
-        print(f"| {s['name']} (x{s['steps']}) | " + " | ".join("-" if s[c] is None else f"{s[c]:.0f}" if c == "rows" else f"{s[c]:.2f}" for c in cols) + " |")
+    print_table(results, seen_values(facts, data), len(known))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "facts": len(facts), "known": len(known),
                                                "results": results}, indent=1))
