@@ -99,7 +99,7 @@ def diagnose(run: dict, args, facts: list[dict], known: list[dict], backgrounds)
                 ids = [i for layer, i in touched if layer in pool.layers]  # "selected" is keyed by layer
                 updater.backgrounds[pool.layers[0]].df[ids] = updater.backgrounds[pool.layers[0]].n_batches
         heldout, train, pred = probe_fact(updater.model, tokenizer, fact)
-        rows.append({"id": fact["id"], "loss": float(last["loss"]), "rows": len(touched), "now_heldout": heldout,
+        rows.append({"id": fact["id"], "loss_last_step": float(last["loss"]), "rows": len(touched), "now_heldout": heldout,
                      "now_train": train, "now_pred": pred, "now_other": others_value(pred, fact, facts)})
     for row, fact in zip(rows, facts):
         row["end_heldout"], row["end_train"], row["end_pred"] = probe_fact(updater.model, tokenizer, fact)
@@ -193,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) is None:
             ap.error(f"--{flag} is required (unless --from-json)")
     runs = json.loads(args.runs)
+    for run in runs:
+        if run.get("lock") and not (run["method"] == "smf" and 0 < run.get("params", {}).get("max_df_fraction", 1) < 1):
+            ap.error(f"run {run['name']!r}: lock needs method smf with params.max_df_fraction < 1 "
+                     "(a locked row is one whose document frequency is set above it)")
     facts = [r for _, r in read_jsonl(data / "facts.jsonl") if not r.get("known")][: args.facts]
     start, tokenizer = load_checkpoint(args.model)
     old = [{"probe": r["probe"], "answers": r["answers"]} for _, r in read_jsonl(data / "retention.jsonl")]
