@@ -71,6 +71,7 @@ VALUES: dict[str, tuple[str, ...]] = {
     ),
 }
 ATTRIBUTES = tuple(VALUES)
+NEW_VALUES = ("any", "seen")  # TestbedParams.new_values
 
 # {n}: the person's full name, {a}: the attribute's value. Training templates state the fact
 # anywhere in the sentence, some after a preamble ("It is well known that ..."), so that a model
@@ -217,6 +218,11 @@ class TestbedParams:
     attributes: list[str] = field(default_factory=lambda: list(ATTRIBUTES))
     bios_per_person: int = 8  # biographies of each old person in background/train.jsonl (templates, order drawn anew)
     stats_bios_per_person: int = 1  # and in background/stats.jsonl, the text the slot statistics read
+    # "any": a new person's values drawn from each attribute's whole list, so some are values no old
+    # person has: the model never produced them, and no update method learns them in a few steps
+    # (results/testbed-cpu-2026-11-28-leaks: 21 of 120 facts, 0 learned by any run). "seen": those are
+    # re-drawn from the values the old population has; the old population and its text do not change.
+    new_values: str = "any"
 
 
 @dataclass
@@ -244,6 +250,8 @@ def check_params(p: TestbedParams, n_paraphrases: int) -> None:
     capacity = len(FIRST_NAMES) * len(SURNAME_HEADS) * len(SURNAME_TAILS)
     if p.n_old < 1 or p.n_new < 1 or p.n_old + p.n_new > capacity:
         raise ValueError(f"n_old, n_new: expected >= 1 each and at most {capacity} in all, got {p.n_old} and {p.n_new}")
+    if p.new_values not in NEW_VALUES:
+        raise ValueError(f"new_values: expected one of {', '.join(NEW_VALUES)}, got {p.new_values!r}")
     if p.bios_per_person < 1 or p.stats_bios_per_person < 0:
         raise ValueError(f"bios_per_person >= 1 and stats_bios_per_person >= 0 expected, got {p.bios_per_person}, {p.stats_bios_per_person}")
     most = min(len(TRAIN_TEMPLATES[a]) for a in p.attributes) - 1
@@ -275,6 +283,16 @@ def people(n_old: int, n_new: int, attributes: list[str], rng: random.Random) ->
     return out[:n_old], out[n_old:]
 
 
+def seen_values_only(old: list[Person], new: list[Person], rng: random.Random) -> None:
+    """Re-draw, in place, every new person's value that no old person has, from the ones they have."""
+    for attribute in old[0].values:
+        seen = {person.values[attribute] for person in old}
+        choices = [v for v in VALUES[attribute] if v in seen]
+        for person in new:
+            if person.values[attribute] not in seen:
+                person.values[attribute] = rng.choice(choices)
+
+
 def biography(person: Person, rng: random.Random) -> str:
     """One line per attribute, in a random order, each from a random training template."""
     attrs = list(person.values)
@@ -297,6 +315,8 @@ def build_testbed(p: TestbedParams, seed: int, n_paraphrases: int) -> Testbed:
     check_params(p, n_paraphrases)
     rng = random.Random(f"testbed-{seed}")
     old, new = people(p.n_old, p.n_new, p.attributes, rng)
+    if p.new_values == "seen":  # its own stream of draws: everything else is the same as with "any"
+        seen_values_only(old, new, random.Random(f"testbed-{seed}-seen-values"))
     train_bios = [biography(person, rng) for person in old for _ in range(p.bios_per_person)]
     stats_bios = [biography(person, rng) for person in old for _ in range(p.stats_bios_per_person)]
     retention = [{"id": f"testbed-old-{i:05d}-{a}", "probe": probe_prefix(rng.choice(HELDOUT_TEMPLATES[a]), person.name),

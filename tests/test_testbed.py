@@ -27,6 +27,26 @@ def test_the_same_seed_gives_the_same_testbed_and_another_seed_another():
     assert [p.name for p in c.old] != [p.name for p in a.old]
 
 
+def test_seen_new_values_are_values_an_old_person_has_and_change_nothing_else():
+    """new_values: seen re-draws only the new people's values no old person has; the old population,
+    its text and the probes' templates stay exactly those of "any" (a pretrained model stays valid)."""
+    any_, seen = build_testbed(P, 0, 5), build_testbed(dataclasses.replace(P, new_values="seen"), 0, 5)
+    assert any_.train_bios == seen.train_bios and any_.stats_bios == seen.stats_bios and any_.retention == seen.retention
+    redrawn = 0
+    for a in P.attributes:
+        old_values = {p.values[a] for p in seen.old}
+        assert all(p.values[a] in old_values for p in seen.new)
+        for before, after in zip(any_.new, seen.new):
+            assert before.name == after.name
+            redrawn += before.values[a] != after.values[a]
+            assert before.values[a] == after.values[a] or before.values[a] not in old_values
+    assert redrawn > 0  # with 30 old people some of 10 new people's values were unseen
+    for f_any, f_seen in zip(any_.facts, seen.facts):
+        assert f_seen.probe == f_any.probe and f_seen.answers[0] in f_seen.statement
+    with pytest.raises(ValueError, match=r"new_values: expected one of any, seen, got 'all'"):
+        check_params(dataclasses.replace(P, new_values="all"), 5)
+
+
 def test_populations_are_disjoint_and_names_unique(tb):
     old, new = {p.name for p in tb.old}, {p.name for p in tb.new}
     assert len(old) == 30 and len(new) == 10 and not old & new
