@@ -29,3 +29,8 @@ done
 .venv/bin/python scripts/testbed_tables.py runs/testbed_seen/continual > results/testbed-cpu-2026-11-28-leaks/learnable/tables.md
 S='"score":"tfidf","count_on":"answer","optimizer":"sgd","top_t":500'
 .venv/bin/python scripts/acquisition_diagnosis.py --model $L/train --data runs/testbed_seen/data --stats $L/slot_stats --json results/testbed-cpu-2026-11-28-leaks/learnable/diagnosis.json --runs "[{\"name\":\"SMF lr 10\",\"method\":\"smf\",\"params\":{$S,\"lr\":10.0}},{\"name\":\"SMF lr 30\",\"method\":\"smf\",\"params\":{$S,\"lr\":30.0}},{\"name\":\"full FT AdamW 1e-4\",\"method\":\"full\",\"params\":{\"lr\":1e-4}}]"
+
+# Section 5, knn 4: the same pretraining with 16 reads per token, then the diagnosis on the learnable facts.
+.venv/bin/python -m slotwise.components.train --params profiles/testbed.yaml --model embedded:smollm2-135m-instruct --data $R/data --out runs/testbed_knn4/train --state runs/testbed_knn4/train_state retrofit.insert.memory.knn=4
+.venv/bin/python -m slotwise.components.slot_stats --params profiles/testbed.yaml --model runs/testbed_knn4/train --data $R/data --out runs/testbed_knn4/slot_stats
+.venv/bin/python scripts/acquisition_diagnosis.py --model runs/testbed_knn4/train --data runs/testbed_seen/data --stats runs/testbed_knn4/slot_stats --json results/testbed-cpu-2026-11-28-leaks/learnable/knn4.json --runs "[{\"name\":\"knn 4, SMF lr 10\",\"method\":\"smf\",\"params\":{$S,\"lr\":10.0}},{\"name\":\"knn 4, SMF lr 30\",\"method\":\"smf\",\"params\":{$S,\"lr\":30.0}},{\"name\":\"knn 4, SMF lr 100\",\"method\":\"smf\",\"params\":{$S,\"lr\":100.0}},{\"name\":\"knn 4, full FT AdamW 1e-4\",\"method\":\"full\",\"params\":{\"lr\":1e-4}}]"
