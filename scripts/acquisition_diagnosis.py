@@ -56,13 +56,7 @@ def train_probes(fact: dict) -> list[str]:
 
 def greedy(model, tokenizer, prompts: list[str]) -> list[str]:
     model.eval()
-    with torch.no_grad():
-        return greedy_answers(model, tokenizer, prompts, batch_size=16)
-
-
-def answered(model, tokenizer, prompts: list[str], answers: list[list[str]]) -> list[bool]:
-    """Greedy answer to each prompt is exactly one of its answers."""
-    return [bool(exact_match(p, a)) for p, a in zip(greedy(model, tokenizer, prompts), answers)]
+    return greedy_answers(model, tokenizer, prompts, batch_size=16)  # (no_grad inside)
 
 
 def probe_fact(model, tokenizer, fact: dict) -> tuple[bool, float, str]:
@@ -104,8 +98,9 @@ def diagnose(run: dict, args, facts: list[dict], known: list[dict], backgrounds)
     for row, fact in zip(rows, facts):
         row["end_heldout"], row["end_train"], row["end_pred"] = probe_fact(updater.model, tokenizer, fact)
         row["end_other"] = others_value(row["end_pred"], fact, facts)
-    kept = answered(updater.model, tokenizer, [k["probe"] for k in known], [k["answers"] for k in known])
-    return {"name": run["name"], "steps": steps, "old_kept": sum(kept) / max(len(kept), 1), "facts": rows, "run": run}
+    updater.model.eval()
+    kept = screen_answered(updater.model, tokenizer, known, 16)  # the old facts it still answers
+    return {"name": run["name"], "steps": steps, "old_kept": len(kept) / max(len(known), 1), "facts": rows, "run": run}
 
 
 def start_row(model, tokenizer, facts: list[dict]) -> dict:
