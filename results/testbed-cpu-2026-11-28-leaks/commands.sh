@@ -34,3 +34,14 @@ S='"score":"tfidf","count_on":"answer","optimizer":"sgd","top_t":500'
 .venv/bin/python -m slotwise.components.train --params profiles/testbed.yaml --model embedded:smollm2-135m-instruct --data $R/data --out runs/testbed_knn4/train --state runs/testbed_knn4/train_state retrofit.insert.memory.knn=4
 .venv/bin/python -m slotwise.components.slot_stats --params profiles/testbed.yaml --model runs/testbed_knn4/train --data $R/data --out runs/testbed_knn4/slot_stats
 .venv/bin/python scripts/acquisition_diagnosis.py --model runs/testbed_knn4/train --data runs/testbed_seen/data --stats runs/testbed_knn4/slot_stats --json results/testbed-cpu-2026-11-28-leaks/learnable/knn4.json --runs "[{\"name\":\"knn 4, SMF lr 10\",\"method\":\"smf\",\"params\":{$S,\"lr\":10.0}},{\"name\":\"knn 4, SMF lr 30\",\"method\":\"smf\",\"params\":{$S,\"lr\":30.0}},{\"name\":\"knn 4, SMF lr 100\",\"method\":\"smf\",\"params\":{$S,\"lr\":100.0}},{\"name\":\"knn 4, full FT AdamW 1e-4\",\"method\":\"full\",\"params\":{\"lr\":1e-4}}]"
+
+# Section 6: pretraining and data variants on the learnable facts (runs/testbed_seen/data, section 4).
+RUNS="[{\"name\":\"SMF lr 10\",\"method\":\"smf\",\"params\":{$S,\"lr\":10.0}},{\"name\":\"SMF lr 30\",\"method\":\"smf\",\"params\":{$S,\"lr\":30.0}},{\"name\":\"SMF lr 100\",\"method\":\"smf\",\"params\":{$S,\"lr\":100.0}},{\"name\":\"full FT AdamW 1e-4\",\"method\":\"full\",\"params\":{\"lr\":1e-4}}]"
+.venv/bin/python -m slotwise.components.data --params profiles/testbed.yaml --out runs/testbed_p11/data data.testbed.new_values=seen data.n_paraphrases=11
+.venv/bin/python scripts/acquisition_diagnosis.py --model $L/train --data runs/testbed_p11/data --stats $L/slot_stats --json results/testbed-cpu-2026-11-28-leaks/learnable/p11.json --runs "$RUNS"
+for v in "two_layers train.pretrain.memory_layers=[2,3]" "heads8 retrofit.insert.memory.heads=8" "steps1400 train.loop.max_steps=1400 train.loop.eval_every=1400"; do
+  set -- $v; name=$1; shift
+  .venv/bin/python -m slotwise.components.train --params profiles/testbed.yaml --model embedded:smollm2-135m-instruct --data $R/data --out runs/testbed_$name/train --state runs/testbed_$name/train_state "$@"
+  .venv/bin/python -m slotwise.components.slot_stats --params profiles/testbed.yaml --model runs/testbed_$name/train --data $R/data --out runs/testbed_$name/slot_stats
+  .venv/bin/python scripts/acquisition_diagnosis.py --model runs/testbed_$name/train --data runs/testbed_seen/data --stats runs/testbed_$name/slot_stats --json results/testbed-cpu-2026-11-28-leaks/learnable/$name.json --runs "$RUNS"
+done
