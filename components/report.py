@@ -143,8 +143,10 @@ def heal_table(runs: Path) -> Table | None:
     if not mem:
         return None
     on, off = mem["heldout_ppl_memory_on"], mem["heldout_ppl_memory_off"]
+    # off is null where the memory replaces an FFN (no model is left without it: testbed pretraining, mode replace)
+    without = "no model without it (the memory replaces an FFN)" if off is None else f"{num(off)} without ({signed_pct(off / on - 1)})"
     t = table(f"train ({s['mode']}): memory on / off and slot usage on held-out text", "layer", *USAGE_COLUMNS,
-              caption=f"held-out perplexity {num(on)} with the memory, {num(off)} without ({signed_pct(off / on - 1)}). {USAGE_NOTE}")
+              caption=f"held-out perplexity {num(on)} with the memory, {without}. {USAGE_NOTE}")
     for layer, u in mem["layers"].items():
         t.add_row(f"layer {layer}", *usage_row(layer, u)[1:])
     return t

@@ -62,3 +62,17 @@ def test_the_continual_table_from_hand_made_outputs(tmp_path, capsys):
 def test_nothing_to_report(tmp_path, capsys):
     assert report.main(["--runs", str(tmp_path / "runs")]) == 1
     assert "no stage outputs under" in capsys.readouterr().out
+
+
+def test_a_pretrained_memory_that_replaces_an_ffn_has_no_memory_off_perplexity(tmp_path, capsys):
+    """Testbed pretraining (memory in place of an FFN) records heldout_ppl_memory_off: null; the report says why."""
+    d = tmp_path / "runs" / "train"
+    d.mkdir(parents=True)
+    usage = {"n_slots": 65536, "coverage": 0.744, "effective_slots": 0.161, "read_df_fraction": 0.532, "median_df_fraction": 0.016}
+    (d / "summary.json").write_text(json.dumps({"mode": "pretrain", "step": 700, "best_step": 700, "initial_eval_ppl": 4164.0,
+                                                "best_eval_ppl": 511.25, "memory": {
+        "heldout_ppl_memory_on": 511.25, "heldout_ppl_memory_off": None, "layers": {"3": usage}}}))
+    code, out = shown(capsys, tmp_path / "runs")
+    assert code == 0
+    assert "held-out perplexity 511.25 with the memory, no model without it (the memory replaces an FFN)" in out
+    assert "layer 3 65,536 74.4% 16.1% 53.2% 1.6%" in out
