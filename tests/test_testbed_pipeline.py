@@ -1,6 +1,6 @@
 """The knowledge testbed end to end (profiles/testbed.yaml, a 60-fact stream): the real stages, the real numbers.
 
-    .venv/bin/python -m pytest -m slow tests/test_testbed_pipeline.py -s      # ~8 min on 2 idle cores
+    .venv/bin/python -m pytest -m slow tests/test_testbed_pipeline.py -s      # ~5 min on 2 idle cores
 
 data -> train (pretrain from scratch, the profile's 700 steps) -> slot_stats -> continual -> evaluate,
 each stage's own CLI entry point on the testbed profile, in a temporary directory. Only the stream is
@@ -10,7 +10,7 @@ t=500, SGD lr 10) and full finetuning at two learning rates. It pins what the te
 held-out templates, nobody knows the new ones before the stream, and SMF's frontier lies above full
 finetuning's: SMF learns more new facts than full finetuning at either lr, and keeps far more old facts
 than full finetuning at the lr where that learns most. Nothing expected is computed by the code under
-test. (A shrunk CI profile, 24 old people and a 4K-slot memory, learned 1-4 of 24 facts with any method:
+test. (A shrunk CI profile, 24 old people and a 4K-slot memory, learned 1-7 of 24 facts (SMF 1-4):
 too small to show an ordering, so the test runs the real profile.)
 """
 import json
