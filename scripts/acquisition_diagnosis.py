@@ -23,12 +23,16 @@ one table; a first row probes the starting model (base rates). Also:
 A run with "lock": true (SMF, with params.max_df_fraction < 1) never selects a row an earlier fact of
 the stream wrote (its document frequency is set to |B|): a test of whether overwriting can be
 avoided by giving each fact rows of its own.
+A run with "replay": k follows each of a fact's update steps with one step on each of k earlier facts
+of the stream, drawn at random (experience replay: a baseline against overwriting; it costs k + 1
+times the steps, so compare it with the same method at more steps per fact too).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -79,8 +83,8 @@ def diagnose(run: dict, args, facts: list[dict], known: list[dict], backgrounds)
     # a run may lock rows (below): it writes its own copy of the background table
     backgrounds = copy.deepcopy(backgrounds) if run.get("lock") else backgrounds
     updater = make_updater(run["method"], model, dict(run.get("params", {})), backgrounds=backgrounds)
-    steps = int(run.get("steps", args.steps))
-    rows = []
+    steps, replay, rng = int(run.get("steps", args.steps)), int(run.get("replay", 0)), random.Random(0)
+    rows, seen_batches = [], []
     for fact in tqdm(facts, desc=run["name"]):
         batch = fact_batch(fact, tokenizer, include_statement=True, max_len=48)
         updater.model.train()
@@ -88,6 +92,9 @@ def diagnose(run: dict, args, facts: list[dict], known: list[dict], backgrounds)
         for _ in range(steps):
             last = updater.step(batch)
             touched.update((pool, i) for pool, ids in last.get("selected", {}).items() for i in ids.tolist())
+            for i in replayed(len(seen_batches), replay, rng):
+                updater.step(seen_batches[i])
+        seen_batches.append(batch)
         if run.get("lock"):  # rows an earlier fact wrote count as read by every background document
             for pool in updater.pools:
                 ids = [i for layer, i in touched if layer in pool.layers]  # "selected" is keyed by layer
@@ -101,6 +108,11 @@ def diagnose(run: dict, args, facts: list[dict], known: list[dict], backgrounds)
     updater.model.eval()
     kept = screen_answered(updater.model, tokenizer, known, 16)  # the old facts it still answers
     return {"name": run["name"], "steps": steps, "old_kept": len(kept) / max(len(known), 1), "facts": rows, "run": run}
+
+
+def replayed(n_earlier: int, k: int, rng: random.Random) -> list[int]:
+    """Which earlier facts one update step replays: k distinct of the n_earlier, at random (fewer if there are fewer)."""
+    return rng.sample(range(n_earlier), min(k, n_earlier))
 
 
 def start_row(model, tokenizer, facts: list[dict]) -> dict:
@@ -170,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model")
     ap.add_argument("--data", required=True)
     ap.add_argument("--stats")
-    ap.add_argument("--runs", help="JSON list of {name, method, params[, steps][, lock]}; lock (SMF with "
+    ap.add_argument("--runs", help="JSON list of {name, method, params[, steps][, lock][, replay]}; lock (SMF with "
                     "params.max_df_fraction < 1): a row one fact wrote is never selected again in the stream")
     ap.add_argument("--facts", type=int, default=120, help="first N facts not marked known (the stage's stream)")
     ap.add_argument("--steps", type=int, default=5, help="optimizer steps per fact (a run's `steps` overrides)")

@@ -26,3 +26,12 @@ def test_others_value_is_a_wrong_answer_that_another_fact_has():
     assert not diag.others_value("Valparaiso", FACT, facts)  # right, not interference
     assert not diag.others_value("Lima", FACT, facts)  # wrong, but no streamed fact's value
     assert not diag.others_value("Tucson", other, facts)  # its own value
+
+
+def test_replay_draws_distinct_earlier_facts_only():
+    import random
+    rng = random.Random(0)
+    assert diag.replayed(0, 2, rng) == []  # the first fact has nothing to replay
+    assert diag.replayed(1, 2, rng) == [0]  # fewer earlier facts than k: all of them
+    picks = diag.replayed(10, 3, rng)
+    assert len(set(picks)) == 3 and all(0 <= i < 10 for i in picks)

@@ -45,3 +45,6 @@ for v in "two_layers train.pretrain.memory_layers=[2,3]" "heads8 retrofit.insert
   .venv/bin/python -m slotwise.components.slot_stats --params profiles/testbed.yaml --model runs/testbed_$name/train --data $R/data --out runs/testbed_$name/slot_stats
   .venv/bin/python scripts/acquisition_diagnosis.py --model runs/testbed_$name/train --data runs/testbed_seen/data --stats runs/testbed_$name/slot_stats --json results/testbed-cpu-2026-11-28-leaks/learnable/$name.json --runs "$RUNS"
 done
+
+# Section 7: replay (the profile's model, stats and data after the switch to new_values: seen: make testbed).
+.venv/bin/python scripts/acquisition_diagnosis.py --model runs/testbed/train --data runs/testbed/data --stats runs/testbed/slot_stats --json results/testbed-cpu-2026-11-28-leaks/learnable/replay.json --runs "[{\"name\":\"SMF lr 10, replay 2\",\"replay\":2,\"method\":\"smf\",\"params\":{$S,\"lr\":10.0}},{\"name\":\"SMF lr 30, replay 2\",\"replay\":2,\"method\":\"smf\",\"params\":{$S,\"lr\":30.0}},{\"name\":\"SMF lr 30, 15 steps (no replay)\",\"steps\":15,\"method\":\"smf\",\"params\":{$S,\"lr\":30.0}},{\"name\":\"full FT 1e-4, replay 2\",\"replay\":2,\"method\":\"full\",\"params\":{\"lr\":1e-4}},{\"name\":\"full FT 3e-5, replay 2\",\"replay\":2,\"method\":\"full\",\"params\":{\"lr\":3e-5}}]"
